@@ -1,0 +1,351 @@
+"""The feedback rule: pure logic from measured signals to a decision, no torch.
+
+`decide(signals, state, options, context) -> (Decision, ControllerState)` is the whole
+controller. It is a pure function over small typed records (as optax's transformations
+are), so every rule can be tested with hand-made signal sequences and no model.
+
+Per step, in this order:
+
+1. Non-finite guard. If the gradient norm or the loss is NaN/Inf the step is skipped and
+   ``multiplier *= skip_backoff``.
+2. Explosion guard. With z = log(grad_norm) and an EMA mean m and variance v of z::
+
+       threshold = m + spike_threshold * max(sqrt(v), min_log_std)
+
+   z > threshold is a spike: the gradient is clipped to exp(threshold) (clip coefficient
+   exp(threshold - z)) and ``multiplier *= spike_backoff``. The statistics are fed
+   min(z, threshold), so one spike does not poison them.
+3. Curvature governor. From the curvature estimate h (secant, smoothed, or the Hessian
+   probe when it is larger) it caps the learning rate at ``stability_margin`` times the
+   stability bound of the base method with momentum mu:
+
+       heavy ball (SGD, RMSprop):        lr * h < 2 (1 + mu)
+       EMA momentum (Adam family):       lr * h_P < 2 (1 + mu) / (1 - mu)
+
+   where for preconditioned methods h_P is the curvature along the update in the
+   optimizer's own metric, measured as (lr x h_P) = <g_{t-1} - g_t, d> / <g_{t-1}, d> with
+   d = x_{t-1} - x_t the last descent step (equal to lr x h for plain gradient descent).
+   Update guard (a trust region needing no curvature): the last step's size ||d|| scaled
+   by the lr ratio predicts this step's, and the multiplier is capped so that
+   ||d|| <= max_update_ratio * ||x_0||. The very first step, which nothing can predict,
+   is checked after the fact by `first_step_scale` and shortened if too long.
+4. Recovery. After ``cooldown_steps`` without a spike or skip,
+   ``multiplier *= exp(growth_rate * c)`` with c the EMA of grad_cosine, never above the
+   caps nor ``max_lr_multiplier``. This is a bounded, multiplicative hypergradient rule
+   (Baydin et al. 2018): while successive steps keep pointing the same way (c > 0) the
+   learning rate is too small and grows; once gradient noise dominates, c ~ 0 and it
+   stops; on oscillation (c < 0) it shrinks.
+5. Momentum. For heavy-ball methods the target is the larger of the user's momentum and
+   YellowFin's ``((sqrt(kappa) - 1) / (sqrt(kappa) + 1))**2`` from the range
+   kappa = h_high / h_low of the curvature samples; for EMA-momentum methods it is the
+   user's beta1. It is then
+   lowered on oscillation: ``mu = target * (1 - max(0, -c))`` with c the EMA of
+   grad_cosine, and clamped to [min_momentum, max_momentum].
+
+Scale invariance (loss multiplied by c > 0): the spike and skip decisions, the clip
+coefficient, the oscillation signal, the momentum rule and, for preconditioned methods,
+the governor depend only on ratios and are unchanged. For plain SGD the curvature scales
+with c and so does the stable learning rate: the governor follows it, as it should.
+``max_grad_norm`` is an absolute threshold and is not scale invariant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from adaptive_lr.options import ControllerOptions
+
+EVENTS = ("skip", "spike", "clip", "curvature_cap", "update_cap")
+
+
+@dataclass(frozen=True)
+class Signals:
+    """What was measured this step (None where a signal is not available)."""
+
+    grad_norm: float
+    loss: float | None = None
+    curvature: float | None = None
+    """Secant curvature along the last step, <g_t - g_{t-1}, dx> / <dx, dx> [1/lr]."""
+    step_sharpness: float | None = None
+    """lr x curvature along the last update in the optimizer's metric [dimensionless]."""
+    grad_cosine: float | None = None
+    """Cosine between the gradient and the last descent step x_{t-1} - x_t."""
+    sharpness: float | None = None
+    """Top Hessian eigenvalue from the probe, when it ran this step [1/lr]."""
+    step_size: float | None = None
+    """Size of the last step, ||x_{t-1} - x_t||."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Facts about the base optimizer the rule needs."""
+
+    lr: float
+    """Largest scheduled learning rate over the param groups (before the multiplier)."""
+    momentum: float | None
+    """The user's scheduled momentum (beta1 for the Adam family); None if it has none."""
+    preconditioned: bool = False
+    ema_momentum: bool = False
+    """True where momentum averages as m = mu m + (1 - mu) g (Adam family)."""
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """Everything the rule remembers between steps: plain numbers only."""
+
+    step: int = 0
+    lr_multiplier: float = 1.0
+    log_norm_mean: float = 0.0
+    log_norm_var: float = 0.0
+    norm_count: int = 0
+    curvature: float | None = None
+    log_curvature_high: float | None = None
+    log_curvature_low: float | None = None
+    sharpness: float | None = None
+    grad_cosine: float = 0.0
+    """EMA of grad_cosine: > 0 while steps keep going the same way, < 0 on oscillation."""
+    steps_since_event: int = 0
+    last_lr: float | None = None
+    """Reference lr actually used at the last applied step (lr x multiplier)."""
+    reference_norm: float | None = None
+    """Parameter norm ||x_0|| at the first step, the update guard's yardstick."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    skip: bool
+    lr_multiplier: float
+    momentum: float | None
+    clip_coef: float = 1.0
+    event: str | None = None
+    curvature: float | None = None
+    """Curvature the governor used (max of the smoothed secant estimate and the probe)."""
+
+
+def init_state(options: ControllerOptions) -> ControllerState:
+    return ControllerState(
+        lr_multiplier=options.initial_lr_multiplier,
+        steps_since_event=options.cooldown_steps,
+    )
+
+
+def decide(
+    signals: Signals, state: ControllerState, options: ControllerOptions, context: Context
+) -> tuple[Decision, ControllerState]:
+    """One step of the feedback rule (see the module docstring for the formulas)."""
+    finite = math.isfinite(signals.grad_norm) and (signals.loss is None or math.isfinite(signals.loss))
+    if not finite and options.skip_nonfinite:
+        multiplier = _clamp(
+            state.lr_multiplier * options.skip_backoff,
+            options.min_lr_multiplier,
+            options.max_lr_multiplier,
+        )
+        new_state = replace(state, step=state.step + 1, lr_multiplier=multiplier, steps_since_event=0)
+        return Decision(skip=True, lr_multiplier=multiplier, momentum=None, event="skip"), new_state
+
+    event: str | None = None
+    multiplier = state.lr_multiplier
+    clip_coef = 1.0
+
+    state, spike_coef = _explosion_guard(signals.grad_norm, state, options)
+    if spike_coef < 1.0:
+        clip_coef = spike_coef
+        multiplier *= options.spike_backoff
+        event = "spike"
+    if options.max_grad_norm is not None and signals.grad_norm * clip_coef > options.max_grad_norm:
+        clip_coef = options.max_grad_norm / signals.grad_norm
+        event = event or "clip"
+
+    state = _track_curvature(signals, state, options, context)
+    state = _track_cosine(signals, state, options)
+    momentum = _momentum(state, options, context)
+
+    cap = _multiplier_cap(state, options, context, momentum)
+    update_cap = _update_cap(signals, state, options, context)
+    if update_cap is not None and (cap is None or update_cap < cap):
+        cap, cap_event = update_cap, "update_cap"
+    else:
+        cap_event = "curvature_cap"
+    since_event = 0 if event == "spike" else state.steps_since_event + 1
+    if options.recovery and since_event > options.cooldown_steps:
+        multiplier *= math.exp(options.growth_rate * state.grad_cosine)
+    if cap is not None and multiplier > cap:
+        multiplier = cap
+        event = event or cap_event
+    multiplier = _clamp(multiplier, options.min_lr_multiplier, options.max_lr_multiplier)
+
+    curvature = _governing_curvature(state)
+    new_state = replace(
+        state,
+        step=state.step + 1,
+        lr_multiplier=multiplier,
+        steps_since_event=since_event,
+        last_lr=context.lr * multiplier,
+    )
+    decision = Decision(
+        skip=False,
+        lr_multiplier=multiplier,
+        momentum=momentum,
+        clip_coef=clip_coef,
+        event=event,
+        curvature=curvature,
+    )
+    return decision, new_state
+
+
+def _explosion_guard(
+    grad_norm: float, state: ControllerState, options: ControllerOptions
+) -> tuple[ControllerState, float]:
+    """Update the log-norm statistics; return the clip coefficient (1.0: no spike)."""
+    if not math.isfinite(grad_norm) or grad_norm <= 0.0:
+        # A zero (or, with the non-finite guard off, invalid) norm carries no scale.
+        return state, 1.0
+    z = math.log(grad_norm)
+    coef = 1.0
+    if state.norm_count == 0:
+        return replace(state, log_norm_mean=z, log_norm_var=0.0, norm_count=1), coef
+    std = max(math.sqrt(state.log_norm_var), options.min_log_std)
+    threshold = state.log_norm_mean + options.spike_threshold * std
+    if options.spike_guard and state.norm_count >= options.warmup_steps and z > threshold:
+        coef = math.exp(threshold - z)
+        z = threshold
+    decay = options.norm_decay
+    delta = z - state.log_norm_mean
+    mean = state.log_norm_mean + (1.0 - decay) * delta
+    var = decay * (state.log_norm_var + (1.0 - decay) * delta * delta)
+    return replace(state, log_norm_mean=mean, log_norm_var=var, norm_count=state.norm_count + 1), coef
+
+
+def _curvature_sample(signals: Signals, state: ControllerState, context: Context) -> float | None:
+    if context.preconditioned:
+        if signals.step_sharpness is None or not state.last_lr:
+            return None
+        sample = signals.step_sharpness / state.last_lr
+    else:
+        sample = signals.curvature
+    if sample is None or not math.isfinite(sample):
+        return None
+    return sample
+
+
+def _track_curvature(
+    signals: Signals, state: ControllerState, options: ControllerOptions, context: Context
+) -> ControllerState:
+    sample = _curvature_sample(signals, state, context)
+    if signals.sharpness is not None and math.isfinite(signals.sharpness):
+        state = replace(state, sharpness=signals.sharpness)
+    if sample is None:
+        return state
+    decay = options.curvature_decay
+    # The signed EMA averages out gradient noise, which enters single secant samples with
+    # either sign; clamping the samples at zero first would bias the estimate upward.
+    smoothed = sample if state.curvature is None else decay * state.curvature + (1 - decay) * sample
+    high, low = state.log_curvature_high, state.log_curvature_low
+    if sample > 0.0:
+        log_sample = math.log(sample)
+        # Slowly forgetting extremes of the positive samples: the curvature range.
+        high = log_sample if high is None else max(log_sample, decay * high + (1 - decay) * log_sample)
+        low = log_sample if low is None else min(log_sample, decay * low + (1 - decay) * log_sample)
+    return replace(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
+
+
+def _track_cosine(signals: Signals, state: ControllerState, options: ControllerOptions) -> ControllerState:
+    cosine = signals.grad_cosine
+    if cosine is None or not math.isfinite(cosine):
+        return state
+    decay = options.cosine_decay
+    return replace(state, grad_cosine=decay * state.grad_cosine + (1 - decay) * cosine)
+
+
+def _governing_curvature(state: ControllerState) -> float | None:
+    candidates = [c for c in (state.curvature, state.sharpness) if c is not None and c > 0.0]
+    return max(candidates) if candidates else None
+
+
+def _momentum(state: ControllerState, options: ControllerOptions, context: Context) -> float | None:
+    if context.momentum is None:
+        return None
+    if not options.momentum_control:
+        return context.momentum
+    target = context.momentum
+    ranged = state.log_curvature_high is not None and state.log_curvature_low is not None
+    if ranged and not context.ema_momentum:
+        sqrt_kappa = math.exp(0.5 * (state.log_curvature_high - state.log_curvature_low))
+        # The range rule raises momentum on ill-conditioned problems; it never lowers the
+        # user's choice, since under gradient noise the secant samples cluster (their
+        # noise bias is ~ (1 - mu^2) / lr) and would read as a well-conditioned problem.
+        target = max(target, ((sqrt_kappa - 1.0) / (sqrt_kappa + 1.0)) ** 2)
+    value = target * (1.0 - max(0.0, -state.grad_cosine))
+    return _clamp(value, options.min_momentum, options.max_momentum)
+
+
+def stability_bound(curvature: float, momentum: float, *, ema_momentum: bool) -> float:
+    """Largest stable lr for a quadratic of curvature h under heavy-ball or EMA momentum.
+
+    Heavy ball x+ = x - lr g + mu (x - x-): lr < 2 (1 + mu) / h.
+    EMA momentum m = mu m + (1 - mu) g, x+ = x - lr m: lr < 2 (1 + mu) / ((1 - mu) h).
+    """
+    bound = 2.0 * (1.0 + momentum) / curvature
+    return bound / (1.0 - momentum) if ema_momentum else bound
+
+
+def _multiplier_cap(
+    state: ControllerState, options: ControllerOptions, context: Context, momentum: float | None
+) -> float | None:
+    if not options.curvature_governor or context.lr <= 0.0:
+        return None
+    curvature = _governing_curvature(state)
+    if curvature is None:
+        return None
+    lr_max = options.stability_margin * stability_bound(
+        curvature, momentum or 0.0, ema_momentum=context.ema_momentum
+    )
+    return max(lr_max / context.lr, options.min_lr_multiplier)
+
+
+def _update_cap(
+    signals: Signals, state: ControllerState, options: ControllerOptions, context: Context
+) -> float | None:
+    usable = (
+        options.update_guard
+        and state.reference_norm
+        and state.last_lr
+        and signals.step_size
+        and context.lr > 0.0
+    )
+    if not usable:
+        return None
+    # Updates of torch's optimizers are linear in lr: size ~ lr x (lr-free direction).
+    size_per_lr = signals.step_size / state.last_lr
+    return max(
+        options.max_update_ratio * state.reference_norm / (size_per_lr * context.lr),
+        options.min_lr_multiplier,
+    )
+
+
+def first_step_scale(
+    step_size: float, param_norm: float, state: ControllerState, options: ControllerOptions
+) -> tuple[float, ControllerState]:
+    """After the first applied step: the factor s <= 1 to shorten it by, and the state.
+
+    The step is shortened to ``max_update_ratio * ||x_0||`` when longer; since the
+    update is linear in lr this equals having stepped with lr x s, so the multiplier and
+    last lr are scaled by s too. The parameter norm becomes the guard's yardstick.
+    """
+    if param_norm <= 0.0 or not math.isfinite(param_norm):
+        return 1.0, state  # Zero-initialised parameters give no yardstick yet.
+    state = replace(state, reference_norm=param_norm)
+    limit = options.max_update_ratio * param_norm
+    if not options.update_guard or not math.isfinite(step_size) or step_size <= limit:
+        return 1.0, state
+    scale = max(limit / step_size, options.min_lr_multiplier / state.lr_multiplier)
+    return scale, replace(
+        state,
+        lr_multiplier=state.lr_multiplier * scale,
+        last_lr=None if state.last_lr is None else state.last_lr * scale,
+    )
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)

@@ -1,0 +1,399 @@
+"""Curvature probe: the top Hessian eigenvalue ("sharpness") of the training loss.
+
+Two Hessian-vector-product (HVP) back ends turn a loss into a function ``v -> Hv``:
+
+* :func:`autograd_hvp` differentiates twice, ``Hv = d<grad f(x), v>/dx``, from a
+  ``loss_fn`` that returns the loss with its graph (exact up to rounding).
+* :func:`closure_hvp` uses a standard ``optimizer.step(closure)`` training closure and a
+  central difference of gradients, ``Hv ~ (grad f(x + eps v) - grad f(x - eps v)) / (2 eps)``,
+  and leaves parameters and ``.grad`` exactly as it found them.
+
+Two eigenvalue solvers consume an HVP:
+
+* :func:`top_eigenvalue` runs power iteration on the list of parameter-shaped tensors
+  (no flattening, one host sync per iteration) and can warm-start from the previous
+  probe's vector, since sharpness drifts slowly during training.
+* :func:`lanczos_top_eigenvalue` is the reference: SciPy's ARPACK Lanczos on the
+  flattened operator, in float64, for tests and small models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from torch import Tensor
+
+__all__ = [
+    "HVP",
+    "SharpnessEstimate",
+    "autograd_hvp",
+    "closure_hvp",
+    "lanczos_top_eigenvalue",
+    "top_eigenvalue",
+]
+
+HVP = Callable[[list[Tensor]], list[Tensor]]
+"""A Hessian-vector product ``v -> Hv``; ``v`` and ``Hv`` are lists shaped like the params."""
+
+_DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class SharpnessEstimate:
+    """Result of a top-eigenvalue probe.
+
+    Attributes:
+        eigenvalue: Rayleigh quotient ``v'Hv / v'v`` at ``vector`` (unit: loss / param^2).
+        iterations: number of Hessian-vector products spent.
+        converged: whether the solver's stopping rule was met before its budget ran out.
+        vector: the unit-norm estimate of the top eigenvector, shaped like the params;
+            pass it as ``initial=`` to warm-start the next probe.
+    """
+
+    eigenvalue: float
+    iterations: int
+    converged: bool
+    vector: list[Tensor]
+
+
+def autograd_hvp(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> HVP:
+    """Exact Hessian-vector product by double backward.
+
+    ``Hv = d/dx <g(x), v>`` with ``g(x) = df/dx`` built once with ``create_graph=True``.
+    ``loss_fn`` is called once, here, and must return the scalar loss with its graph
+    (it must not call ``backward`` itself); the first-order gradient graph is retained,
+    so ``k`` products cost one forward + backward and ``k`` double-backward passes. The
+    graph (and its memory) lives as long as the returned function does.
+
+    Parameters that the loss does not depend on get ``Hv = 0``.
+    """
+    params = _validated_params(params)
+    with torch.enable_grad():  # optimizer.step() runs under no_grad
+        loss = loss_fn()
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError("loss_fn must return a scalar loss tensor")
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    # Only gradients that still depend on the params contribute: a constant gradient (an
+    # unused param, or one the loss is linear in) is a zero row and column of the Hessian.
+    curved = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def hvp(vector: list[Tensor]) -> list[Tensor]:
+        _check_like_params(vector, params, "vector")
+        if not curved:
+            return [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                [grads[i] for i in curved],
+                params,
+                grad_outputs=[vector[i] for i in curved],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return [torch.zeros_like(p) if h is None else h for p, h in zip(params, products, strict=True)]
+
+    return hvp
+
+
+def closure_hvp(
+    closure: Callable[[], Any],
+    params: Sequence[Tensor],
+    *,
+    relative_step: float = 1e-3,
+) -> HVP:
+    """Finite-difference Hessian-vector product through a standard training closure.
+
+    ``Hv ~ (grad f(x + eps v) - grad f(x - eps v)) / (2 eps)``,
+    ``eps = relative_step * (1 + ||x||) / ||v||``,
+
+    so the parameters move by ``||eps v|| = relative_step * (1 + ||x||)`` (norms over all
+    params together). ``grad f`` at a shifted point is read from ``p.grad`` (``None``
+    counts as zeros) after calling ``closure()``, which should do the usual
+    ``zero_grad(); loss = ...; loss.backward(); return loss``; ``p.grad`` is cleared
+    before each call, so a closure that forgets ``zero_grad`` still works. Each product
+    costs two closure calls. The error is ``O(eps^2)`` from third derivatives (zero on a
+    quadratic) plus rounding of order ``machine_epsilon * ||grad f|| / ||eps v||``.
+
+    Afterwards, even if the closure raises, every parameter holds bit-for-bit its value
+    from before the call (restored from a copy, not by subtracting the shift), and every
+    ``p.grad`` is the same tensor object (or ``None``) holding the same values, so the
+    caller's optimizer step proceeds as if no probe happened.
+
+    Limitation: the closure must be a deterministic function of the parameters. Dropout
+    draws different masks for the two points (the difference is then noise, not
+    curvature), and layers that update state in forward, such as batch-norm running
+    statistics in train mode, are updated by the probe's calls and are not restored.
+    Put such models in ``eval()`` for the probe, or use :func:`autograd_hvp`.
+
+    Args:
+        closure: callable that recomputes the loss and writes its gradient into ``p.grad``.
+        params: the parameters the Hessian is taken over; all must require grad.
+        relative_step: step length as a fraction of ``1 + ||x||`` (dimensionless, > 0).
+            The default 1e-3 is near the cube root of float32 machine epsilon (5e-3),
+            the usual balance of truncation against rounding for central differences;
+            float64 models can use about 1e-5.
+    """
+    params = _validated_params(params)
+    if not (math.isfinite(relative_step) and relative_step > 0):
+        raise ValueError(f"relative_step must be a positive finite number, got {relative_step!r}")
+
+    def gradient_at_current_params() -> list[Tensor]:
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            closure()
+        # Clone: .grad may be a view into a buffer the next backward reuses (DDP buckets).
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+    def hvp(vector: list[Tensor]) -> list[Tensor]:
+        _check_like_params(vector, params, "vector")
+        saved_values = [p.detach().clone() for p in params]
+        saved_grads = [p.grad for p in params]
+        saved_grad_values = [None if g is None else g.detach().clone() for g in saved_grads]
+        try:
+            # Scale-aware step: rounding of x + eps v is relative to ||x||, so the step must
+            # grow with ||x|| to stay above it; the 1 keeps it from vanishing near x = 0;
+            # dividing by ||v|| makes the shift independent of v's scale (Hv is linear in v).
+            # eps stays a device tensor, so the probe adds no host sync.
+            x_norm = _global_norm(saved_values)
+            v_norm = _global_norm(vector)
+            # A zero v gives Hv = 0 with any finite eps; 1 avoids 0/0.
+            eps = torch.where(v_norm > 0, relative_step * (1 + x_norm) / v_norm, 1.0)
+            eps_per_tensor = [eps.to(p.device) for p in params]
+            shift = torch._foreach_mul(vector, eps_per_tensor)
+            with torch.no_grad():
+                torch._foreach_add_(params, shift)
+            grad_plus = gradient_at_current_params()
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved_values)
+                torch._foreach_sub_(params, shift)
+            grad_minus = gradient_at_current_params()
+            product = torch._foreach_sub(grad_plus, grad_minus)
+            torch._foreach_div_(product, torch._foreach_mul(eps_per_tensor, 2.0))
+            return product
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved_values)
+                for p, grad, values in zip(params, saved_grads, saved_grad_values, strict=True):
+                    if grad is not None:
+                        grad.copy_(values)  # in case a view of it was written to
+                    p.grad = grad
+
+    return hvp
+
+
+def top_eigenvalue(
+    hvp: HVP,
+    params: Sequence[Tensor],
+    *,
+    iterations: int = 20,
+    tolerance: float = 1e-3,
+    generator: torch.Generator | None = None,
+    initial: Sequence[Tensor] | None = None,
+) -> SharpnessEstimate:
+    """Top Hessian eigenvalue by power iteration.
+
+    ``v_{k+1} = H v_k / ||H v_k||``, ``lambda_k = v_k' H v_k / v_k' v_k`` (Rayleigh
+    quotient), stopping at iteration ``k`` once
+    ``|lambda_k - lambda_{k-1}| <= tolerance * |lambda_k|`` (``converged=True``) or after
+    ``iterations`` products. Near convergence the error in ``lambda`` is about
+    ``tolerance * r^2 / (1 - r^2)`` relative, ``r = |lambda_2 / lambda_1|``, so a small
+    eigen-gap needs a tolerance well below the accuracy wanted.
+
+    Power iteration finds the eigenvalue of largest magnitude. That is the top
+    eigenvalue whenever the most negative eigenvalue is smaller in magnitude, the
+    common case in training. Otherwise the result is that negative eigenvalue; when the
+    two magnitudes are (nearly) equal, the iterate oscillates between the two
+    eigenvectors, the estimate lies anywhere between them and ``converged`` is
+    usually ``False``. Use :func:`lanczos_top_eigenvalue` when this matters. On a
+    positive semidefinite Hessian the estimate never exceeds the top eigenvalue.
+
+    The vectors stay a list of parameter-shaped tensors, updated with ``torch._foreach``
+    ops; each iteration does one host sync (reading ``lambda_k`` and ``||H v_k||``).
+
+    Args:
+        hvp: the Hessian-vector product, e.g. from :func:`autograd_hvp`.
+        params: the parameters, for shapes, devices and dtypes; must be non-empty.
+        iterations: maximum number of Hessian-vector products (>= 1).
+        tolerance: relative change of the Rayleigh quotient that counts as converged (> 0).
+        generator: random source of the start vector, which is drawn on the generator's
+            device and then moved to each parameter's device and dtype; default is a CPU
+            generator seeded with 0, so the probe is deterministic.
+        initial: start vector instead of a random one, e.g. ``previous.vector``.
+    """
+    params = _validated_params(params)
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
+
+    if initial is not None:
+        _check_like_params(initial, params, "initial")
+        vector = [
+            v.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            for v, p in zip(initial, params, strict=True)
+        ]
+    else:
+        if generator is None:
+            generator = torch.Generator().manual_seed(_DEFAULT_SEED)
+        vector = [
+            torch.randn(p.shape, generator=generator, device=generator.device).to(
+                device=p.device, dtype=p.dtype
+            )
+            for p in params
+        ]
+
+    previous = math.nan
+    eigenvalue = math.nan
+    converged = False
+    completed = 0
+    for completed in range(1, iterations + 1):
+        product = [h.detach() for h in hvp(vector)]
+        # The start vector is not normalised (that would cost a sync), hence the / v'v.
+        curvature, squared_norm, product_norm = torch.stack(
+            [
+                _global_dot(vector, product),
+                _global_dot(vector, vector),
+                _global_norm(product),
+            ]
+        ).tolist()  # the one host sync of this iteration
+        if squared_norm == 0:
+            raise ValueError("initial must be a nonzero vector")
+        eigenvalue = curvature / squared_norm
+        if not math.isfinite(eigenvalue):
+            break
+        if product_norm == 0 or (completed > 1 and abs(eigenvalue - previous) <= tolerance * abs(eigenvalue)):
+            converged = True  # product_norm == 0: H v = 0 v exactly
+            break
+        previous = eigenvalue
+        if completed < iterations:
+            vector = torch._foreach_div(product, product_norm)
+    if completed == 1:  # still the start vector
+        torch._foreach_div_(vector, math.sqrt(squared_norm))
+    return SharpnessEstimate(eigenvalue=eigenvalue, iterations=completed, converged=converged, vector=vector)
+
+
+def lanczos_top_eigenvalue(
+    hvp: HVP,
+    params: Sequence[Tensor],
+    *,
+    tolerance: float = 1e-4,
+    max_hvps: int | None = None,
+) -> SharpnessEstimate:
+    """Largest algebraic Hessian eigenvalue by Lanczos (the reference solver).
+
+    ``lambda_max = max_v v'Hv / v'v``, computed by
+    ``scipy.sparse.linalg.eigsh(H, k=1, which="LA", tol=tolerance)`` on the flattened
+    operator in float64 (ARPACK's ``tol`` is the relative accuracy of the eigenvalue).
+    Unlike :func:`top_eigenvalue` it is not fooled by large negative eigenvalues, but it
+    moves every product through host memory, so it suits tests and small models.
+
+    If ``max_hvps`` products run out first (or ARPACK does not converge), the result has
+    ``converged=False`` and the largest Rayleigh quotient among the vectors tried, a
+    lower bound on ``lambda_max``.
+    """
+    params = _validated_params(params)
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
+    if max_hvps is not None and (isinstance(max_hvps, bool) or not isinstance(max_hvps, int) or max_hvps < 1):
+        raise ValueError(f"max_hvps must be None or an integer >= 1, got {max_hvps!r}")
+
+    dimension = sum(p.numel() for p in params)
+    count = 0
+    best_eigenvalue, best_vector = -math.inf, np.zeros(dimension)
+
+    def matvec(flat: np.ndarray) -> np.ndarray:
+        nonlocal count, best_eigenvalue, best_vector
+        if max_hvps is not None and count >= max_hvps:
+            raise _BudgetSpent
+        count += 1
+        flat = np.asarray(flat, dtype=np.float64).reshape(-1)
+        product = np.concatenate(
+            [
+                h.detach().to(device="cpu", dtype=torch.float64).reshape(-1).numpy()
+                for h in hvp(_unflatten(flat, params))
+            ]
+        )
+        squared_norm = float(flat @ flat)
+        if squared_norm > 0 and float(flat @ product) / squared_norm > best_eigenvalue:
+            best_eigenvalue, best_vector = (
+                float(flat @ product) / squared_norm,
+                flat / math.sqrt(squared_norm),
+            )
+        return product
+
+    try:
+        if dimension == 1:  # ARPACK needs k < n
+            values, vectors = np.array([matvec(np.ones(1))[0]]), np.ones((1, 1))
+        else:
+            operator = LinearOperator((dimension, dimension), matvec=matvec, dtype=np.float64)
+            start = np.random.default_rng(_DEFAULT_SEED).standard_normal(dimension)
+            values, vectors = eigsh(operator, k=1, which="LA", tol=tolerance, v0=start)
+    except (_BudgetSpent, ArpackNoConvergence):
+        return SharpnessEstimate(
+            eigenvalue=best_eigenvalue,
+            iterations=count,
+            converged=False,
+            vector=_unflatten(best_vector, params),
+        )
+    return SharpnessEstimate(
+        eigenvalue=float(values[0]),
+        iterations=count,
+        converged=True,
+        vector=_unflatten(vectors[:, 0], params),
+    )
+
+
+class _BudgetSpent(Exception):
+    """Raised inside ARPACK's callback to stop it when ``max_hvps`` products are spent."""
+
+
+def _validated_params(params: Sequence[Tensor]) -> list[Tensor]:
+    params = list(params)
+    if not params:
+        raise ValueError("params must be a non-empty sequence of tensors")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor) or not p.requires_grad:
+            raise ValueError(f"params[{i}] must be a tensor that requires grad")
+    return params
+
+
+def _check_like_params(vector: Sequence[Tensor], params: list[Tensor], name: str) -> None:
+    if len(vector) != len(params) or any(v.shape != p.shape for v, p in zip(vector, params, strict=True)):
+        raise ValueError(f"{name} must be a list of tensors shaped like params")
+
+
+def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """``||[t_1, ..., t_n]||_2`` over all tensors, as a 0-dim tensor on the first one's device."""
+    first = tensors[0]
+    dtype = _common_dtype(tensors)
+    norms = torch._foreach_norm(list(tensors))
+    return torch.linalg.vector_norm(torch.stack([n.to(device=first.device, dtype=dtype) for n in norms]))
+
+
+def _global_dot(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
+    """``sum_i <left_i, right_i>``, as a 0-dim tensor on the first tensor's device."""
+    first = left[0]
+    dtype = _common_dtype(left)
+    products = torch._foreach_mul(list(left), list(right))
+    return torch.stack([t.sum(dtype=dtype).to(device=first.device) for t in products]).sum()
+
+
+def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = torch.float32  # accumulate low-precision (e.g. bfloat16) models in float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _unflatten(flat: np.ndarray, params: list[Tensor]) -> list[Tensor]:
+    pieces = np.split(np.asarray(flat, dtype=np.float64), np.cumsum([p.numel() for p in params])[:-1])
+    return [
+        torch.from_numpy(np.ascontiguousarray(piece)).reshape(p.shape).to(device=p.device, dtype=p.dtype)
+        for piece, p in zip(pieces, params, strict=True)
+    ]

@@ -1,0 +1,212 @@
+"""Every tunable constant of the controller: one name, one default, one line of documentation.
+
+`ControllerOptions` is validated once, at construction. Unknown names raise `TypeError`,
+out-of-range values raise `ValueError`; both name the option. Each feedback component has
+its own on/off switch so that ablations can remove exactly one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ControllerOptions:
+    """Options of the feedback controller (units in brackets).
+
+    Component switches:
+        spike_guard: clip the gradient and cut the lr multiplier when the gradient norm
+            jumps above its running statistics.
+        skip_nonfinite: skip the step (parameters and optimizer state untouched) when the
+            gradient or the loss is NaN or Inf.
+        curvature_governor: cap the learning rate below the stability bound of the base
+            method computed from the measured curvature.
+        recovery: let the multiplier grow back while training is stable.
+        momentum_control: choose the momentum from the curvature range and oscillation.
+        update_guard: keep each step's size ||x_t - x_{t+1}|| below max_update_ratio times
+            the parameter norm at the first step (a trust region that needs no curvature,
+            so it also protects the very first step).
+
+    Learning-rate multiplier (dimensionless; lr used = scheduled lr x multiplier):
+        initial_lr_multiplier: multiplier at step 0.
+        min_lr_multiplier: floor of the multiplier.
+        max_lr_multiplier: user cap of the multiplier (recovery never grows above it).
+        growth_rate: largest change of log(multiplier) per step by the recovery rule,
+            multiplier *= exp(growth_rate * mean grad_cosine).
+        cooldown_steps: steps after a spike or skip during which the multiplier does not grow.
+
+    Explosion guard, on z = log(grad_norm):
+        norm_decay: EMA decay of the running mean and variance of z (per step).
+        spike_threshold: a step is a spike when z > mean + spike_threshold * std [std units].
+        min_log_std: floor of std in that test [log units], so a very steady run still
+            allows ordinary fluctuations (exp(3 * 0.25) = 2.1x by default).
+        warmup_steps: steps of statistics gathered before the spike test starts.
+        spike_backoff: multiplier *= spike_backoff on a spike.
+        skip_backoff: multiplier *= skip_backoff on a non-finite gradient or loss.
+        max_update_ratio: largest step size relative to the first step's parameter norm
+            [dimensionless].
+        max_grad_norm: optional hard cap on the global gradient norm (event "clip"), as
+            torch.nn.utils.clip_grad_norm_ would apply; None disables it.
+
+    Curvature governor (curvature from secant estimates along the trajectory, and from the
+    optional Hessian probe):
+        curvature_decay: EMA decay of the secant curvature estimate (per step).
+        stability_margin: the lr is kept below stability_margin x the stability bound.
+        curvature_probe_every: run the Hessian power-iteration probe every this many steps
+            when step() gets a closure; 0 disables the probe.
+        probe_iterations: Hessian-vector products per probe.
+        preconditioned: treat the base method as preconditioned (Adam family) when
+            applying the bound; None infers it from the optimizer class.
+
+    Momentum (heavy-ball coefficient, or beta1 of the Adam family):
+        min_momentum, max_momentum: bounds of the momentum the controller sets.
+        cosine_decay: EMA decay of grad_cosine, the signal of recovery and oscillation.
+
+    Telemetry:
+        history_size: number of per-step records kept in `history` (oldest dropped).
+    """
+
+    spike_guard: bool = True
+    skip_nonfinite: bool = True
+    curvature_governor: bool = True
+    recovery: bool = True
+    momentum_control: bool = True
+    update_guard: bool = True
+
+    initial_lr_multiplier: float = 1.0
+    min_lr_multiplier: float = 1e-6
+    max_lr_multiplier: float = 1000.0
+    growth_rate: float = 0.02
+    cooldown_steps: int = 10
+
+    norm_decay: float = 0.95
+    spike_threshold: float = 3.0
+    min_log_std: float = 0.25
+    warmup_steps: int = 1
+    spike_backoff: float = 0.5
+    skip_backoff: float = 0.5
+    max_update_ratio: float = 0.05
+    max_grad_norm: float | None = None
+
+    curvature_decay: float = 0.9
+    stability_margin: float = 0.5
+    curvature_probe_every: int = 0
+    probe_iterations: int = 20
+    preconditioned: bool | None = None
+
+    min_momentum: float = 0.0
+    max_momentum: float = 0.99
+    cosine_decay: float = 0.9
+
+    history_size: int = 1000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        _in_range("initial_lr_multiplier", self.initial_lr_multiplier, low=0.0, low_open=True)
+        _in_range("min_lr_multiplier", self.min_lr_multiplier, low=0.0, low_open=True)
+        _in_range("max_lr_multiplier", self.max_lr_multiplier, low=self.min_lr_multiplier)
+        if not self.min_lr_multiplier <= self.initial_lr_multiplier <= self.max_lr_multiplier:
+            raise ValueError(
+                "initial_lr_multiplier must lie in [min_lr_multiplier, max_lr_multiplier], "
+                f"got {self.initial_lr_multiplier} not in "
+                f"[{self.min_lr_multiplier}, {self.max_lr_multiplier}]"
+            )
+        _in_range("growth_rate", self.growth_rate, low=0.0, high=1.0)
+        _in_range("cooldown_steps", self.cooldown_steps, low=0)
+        _in_range("norm_decay", self.norm_decay, low=0.0, high=1.0, high_open=True)
+        _in_range("spike_threshold", self.spike_threshold, low=0.0, low_open=True)
+        _in_range("min_log_std", self.min_log_std, low=0.0)
+        _in_range("warmup_steps", self.warmup_steps, low=1)
+        _in_range("spike_backoff", self.spike_backoff, low=0.0, high=1.0, low_open=True)
+        _in_range("skip_backoff", self.skip_backoff, low=0.0, high=1.0, low_open=True)
+        _in_range("max_update_ratio", self.max_update_ratio, low=0.0, low_open=True)
+        if self.max_grad_norm is not None:
+            _in_range("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _in_range("curvature_decay", self.curvature_decay, low=0.0, high=1.0, high_open=True)
+        _in_range("stability_margin", self.stability_margin, low=0.0, high=1.0, low_open=True)
+        _in_range("curvature_probe_every", self.curvature_probe_every, low=0)
+        _in_range("probe_iterations", self.probe_iterations, low=1)
+        _in_range("min_momentum", self.min_momentum, low=0.0, high=1.0, high_open=True)
+        _in_range("max_momentum", self.max_momentum, low=self.min_momentum, high=1.0, high_open=True)
+        _in_range("cosine_decay", self.cosine_decay, low=0.0, high=1.0, high_open=True)
+        _in_range("history_size", self.history_size, low=1)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ControllerOptions:
+        """Build from keyword arguments; an unknown name raises TypeError naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown adaptive_lr option(s): {', '.join(unknown)}; "
+                f"valid options are: {', '.join(sorted(known))}"
+            )
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> ControllerOptions:
+        """A copy with some options changed, validated like a new instance."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown adaptive_lr option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def all_off(cls, **changes: Any) -> ControllerOptions:
+        """Every feedback component switched off: the wrapper then reproduces the base optimizer."""
+        base = dict(
+            spike_guard=False,
+            skip_nonfinite=False,
+            curvature_governor=False,
+            recovery=False,
+            momentum_control=False,
+            update_guard=False,
+        )
+        base.update(changes)
+        return cls.from_kwargs(**base)
+
+
+_TYPES = {
+    "bool": (bool,),
+    "float": (int, float),
+    "int": (int,),
+    "float | None": (int, float, type(None)),
+    "bool | None": (bool, type(None)),
+}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    allowed = _TYPES[str(annotation)]
+    # bool is an int subclass: True must not pass for a number, nor 1 for a flag.
+    is_bool = isinstance(value, bool)
+    ok = isinstance(value, allowed) and (is_bool == (bool in allowed) or value is None)
+    if not ok:
+        raise TypeError(f"option {name} must be {annotation}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"option {name} must be finite, got {value}")
+
+
+def _in_range(
+    name: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"option {name} must be in {left}{lo}, {hi}{right}, got {value}")

@@ -1,0 +1,88 @@
+"""Per-step records of what the controller saw and did, and a CSV writer for them."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as it was actually applied.
+
+    ``lr`` and ``momentum`` are the values the base optimizer used during its step (first
+    param group), after the controller's multiplier and momentum; ``momentum`` is None
+    where the base optimizer has no momentum (then only the learning rate is controlled).
+    ``event`` is one of "skip", "spike", "clip", "curvature_cap" or None.
+    """
+
+    step: int
+    lr: float
+    lr_multiplier: float
+    momentum: float | None
+    grad_norm: float
+    curvature: float | None
+    event: str | None
+    loss: float | None = None
+    grad_cosine: float | None = None
+    sharpness: float | None = None
+    clip_coef: float = 1.0
+    momentum_controlled: bool = False
+    group_grad_norms: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+HistoryCallback = Callable[[StepRecord], None]
+
+FIELDS = [f.name for f in dataclasses.fields(StepRecord)]
+
+
+def write_history_csv(history: Iterable[StepRecord], path: str | os.PathLike) -> None:
+    """Write records as CSV, one row per step; group_grad_norms is a JSON list."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        for record in history:
+            writer.writerow(_csv_row(record))
+
+
+def _csv_row(record: StepRecord) -> dict:
+    row = record.to_dict()
+    row["group_grad_norms"] = json.dumps(list(record.group_grad_norms))
+    return {k: "" if v is None else v for k, v in row.items()}
+
+
+class CSVHistoryWriter:
+    """A history callback that streams each record to a CSV file as it happens.
+
+    ``AdaptiveOptimizer(..., callback=CSVHistoryWriter("run.csv"))``; call ``close()``
+    (or use it as a context manager) at the end of training.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._handle = open(self.path, "w", newline="")  # noqa: SIM115 - closed in close()
+        self._writer = csv.DictWriter(self._handle, fieldnames=FIELDS)
+        self._writer.writeheader()
+
+    def __call__(self, record: StepRecord) -> None:
+        self._writer.writerow(_csv_row(record))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> CSVHistoryWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        raise TypeError("CSVHistoryWriter holds an open file and cannot be pickled or copied")

@@ -79,7 +79,7 @@ class ControllerOptions:
     initial_lr_multiplier: float = 1.0
     min_lr_multiplier: float = 1e-6
     max_lr_multiplier: float = 1000.0
-    growth_rate: float = 0.02
+    growth_rate: float = 0.05
     cooldown_steps: int = 10
 
     norm_decay: float = 0.95

@@ -126,7 +126,7 @@ def train(
                 loss.backward()
                 return loss
 
-            loss = float(optimizer.step(closure))
+            loss = optimizer.step(closure).detach().item()
             steps += 1
             if progress is not None:
                 progress(steps, loss)

@@ -411,7 +411,7 @@ def test_frozen_and_unused_parameters_are_left_alone():
     model = make_model()
     unused = nn.Parameter(torch.ones(3))
     model[0].weight.requires_grad_(False)
-    opt = adaptive_lr.wrap(torch.optim.AdamW(list(model.parameters()) + [unused], weight_decay=0.1))
+    opt = adaptive_lr.wrap(torch.optim.AdamW([*model.parameters(), unused], weight_decay=0.1))
     frozen = model[0].weight.detach().clone()
     train(model, opt, 5)
     assert torch.equal(model[0].weight, frozen)
@@ -531,7 +531,7 @@ def test_streaming_csv_writer_writes_a_row_per_step(tmp_path):
 
 # -- bad input ---------------------------------------------------------------------------------
 def test_wrapping_something_that_is_not_an_optimizer_raises_type_error():
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer"):
         adaptive_lr.wrap(make_model())
 
 

@@ -398,9 +398,15 @@ class AdaptiveOptimizer(Optimizer):
             hook(self)
 
 
-def wrap(optimizer: Optimizer, **options: Any) -> AdaptiveOptimizer:
-    """``AdaptiveOptimizer(optimizer, **options)``: gradient-aware control with good defaults."""
-    return AdaptiveOptimizer(optimizer, **options)
+def wrap(
+    optimizer: Optimizer,
+    options: ControllerOptions | None = None,
+    *,
+    callback: HistoryCallback | None = None,
+    **option_kwargs: Any,
+) -> AdaptiveOptimizer:
+    """``AdaptiveOptimizer(optimizer, ...)``: gradient-aware control with good defaults."""
+    return AdaptiveOptimizer(optimizer, options, callback=callback, **option_kwargs)
 
 
 class _applied:

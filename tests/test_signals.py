@@ -1,0 +1,150 @@
+"""The measured signals: secant curvature, gradient cosine, norms, and their cost."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import adaptive_lr
+from adaptive_lr import ControllerOptions
+from adaptive_lr.signals import GradientView, Trajectory, dot, measure
+
+
+def quadratic(eigenvalues: torch.Tensor, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(eigenvalues) @ q.T
+    x = nn.Parameter(torch.randn(n, generator=g, dtype=torch.float64))
+    return a, x
+
+
+def run_gd(a, x, lr, steps, **options):
+    opt = adaptive_lr.wrap(torch.optim.SGD([x], lr=lr), ControllerOptions.all_off(**options))
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * x @ a @ x).backward()
+        opt.step()
+    return opt
+
+
+def test_dot_sums_per_tensor_dot_products():
+    xs = [torch.randn(3, 4), torch.randn(5)]
+    ys = [torch.randn(3, 4), torch.randn(5)]
+    expected = sum((x * y).sum() for x, y in zip(xs, ys, strict=True)).item()
+    assert dot(xs, ys).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_grad_norm_and_group_norms_match_torch_clip_grad_norm():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters())}]
+    signals, group_norms = measure(GradientView.collect(groups), Trajectory(), None)
+    total = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+    assert signals.grad_norm == pytest.approx(total, rel=1e-6)
+    assert math.hypot(*group_norms) == pytest.approx(total, rel=1e-6)
+    first = nn.utils.clip_grad_norm_(model[0].parameters(), float("inf")).item()
+    assert group_norms[0] == pytest.approx(first, rel=1e-6)
+
+
+def test_secant_curvature_is_exact_along_the_step_on_a_quadratic():
+    """For f = x'Ax/2 and gradient descent, <g_{t-1} - g_t, d>/||d||^2 = d'Ad/d'd exactly."""
+    a, x = quadratic(torch.logspace(-1, 1, 10, dtype=torch.float64))
+    lr = 0.05
+    before = x.detach().clone()
+    opt = run_gd(a, x, lr, 2)
+    step = before - (before - lr * (a @ before))  # the first descent step d
+    rayleigh = (step @ a @ step / (step @ step)).item()
+    assert opt.history[0].curvature is None  # no step taken yet: no secant
+    assert opt.history[1].curvature == pytest.approx(rayleigh, rel=1e-10)
+
+
+def test_grad_cosine_equals_the_successive_gradient_cosine_for_plain_sgd():
+    a, x = quadratic(torch.logspace(-1, 1, 10, dtype=torch.float64))
+    g0 = (a @ x).detach()
+    g1 = (a @ (x.detach() - 0.3 * g0)).detach()
+    opt = run_gd(a, x, 0.3, 2)
+    expected = (g0 @ g1 / (g0.norm() * g1.norm())).item()
+    assert opt.history[-1].grad_cosine == pytest.approx(expected, rel=1e-10)
+
+
+@given(
+    top=st.floats(1.0, 100.0),
+    spread=st.floats(1.0, 1e3),
+    lr_fraction=st.floats(0.05, 1.9),
+    seed=st.integers(0, 100),
+)
+def test_secant_curvature_lies_within_the_spectrum_of_a_quadratic(top, spread, lr_fraction, seed):
+    eigenvalues = torch.logspace(math.log10(top / spread), math.log10(top), 8, dtype=torch.float64)
+    a, x = quadratic(eigenvalues, seed)
+    reference = _curvature_samples(a, x.detach().clone(), lr_fraction / top)
+    opt = run_gd(a, x, lr_fraction / top, 6, curvature_decay=0.0)  # no smoothing: raw samples
+    samples = [r.curvature for r in opt.history][1:]
+    lowest, highest = eigenvalues.min().item(), eigenvalues.max().item()
+    assert all(lowest * (1 - 1e-9) <= s <= highest * (1 + 1e-9) for s in samples)
+    assert samples == pytest.approx(reference[:5], rel=1e-8)
+
+
+def _curvature_samples(a, start, lr, steps=6):
+    """Independent reference: the Rayleigh quotient of each gradient-descent step."""
+    x, samples = start, []
+    for _ in range(steps):
+        step = lr * (a @ x)
+        samples.append((step @ a @ step / (step @ step)).item())
+        x = x - step
+    return samples
+
+
+def test_secant_curvature_finds_the_top_eigenvalue_once_the_lr_is_unstable():
+    """Beyond the stability bound the top mode grows, the steps align with it, and the
+    secant estimate reads lambda_max: instability reveals itself to the governor."""
+    eigenvalues = torch.logspace(-1, 1, 20, dtype=torch.float64)
+    a, x = quadratic(eigenvalues)
+    opt = adaptive_lr.wrap(
+        torch.optim.SGD([x], lr=2.2 / 10.0), ControllerOptions.all_off(curvature_decay=0.0)
+    )
+    for _ in range(60):
+        opt.zero_grad()
+        (0.5 * x @ a @ x).backward()
+        opt.step()
+    assert opt._controller_state.curvature == pytest.approx(10.0, rel=1e-2)
+
+
+def test_governor_on_stops_the_divergence_that_the_unstable_lr_causes():
+    eigenvalues = torch.logspace(-1, 1, 20, dtype=torch.float64)
+    a, x = quadratic(eigenvalues)
+    f0 = (0.5 * x @ a @ x).item()
+    opt = adaptive_lr.wrap(torch.optim.SGD([x], lr=3.0 / 10.0))
+    for _ in range(200):
+        opt.zero_grad()
+        (0.5 * x @ a @ x).backward()
+        opt.step()
+    assert (0.5 * x @ a @ x).item() < 1e-3 * f0
+    lr_used = opt.history[-1].lr
+    assert lr_used * 10.0 < 2.0  # inside the plain-GD stability bound
+
+
+def test_each_step_makes_exactly_one_host_sync_after_the_first(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    x = torch.randn(16, 4)
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    step()
+    step()
+    calls = []
+    original_tolist, original_item = torch.Tensor.tolist, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append("tolist") or original_tolist(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: calls.append("item") or original_item(t))
+    for _ in range(3):
+        step()
+    assert calls == ["tolist"] * 3

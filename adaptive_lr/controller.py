@@ -153,7 +153,12 @@ def decide(
         clip_coef = spike_coef
         multiplier *= options.spike_backoff
         event = "spike"
-    if options.max_grad_norm is not None and signals.grad_norm * clip_coef > options.max_grad_norm:
+    finite_norm = math.isfinite(signals.grad_norm)  # (an infinite one only with skip_nonfinite off)
+    if (
+        options.max_grad_norm is not None
+        and finite_norm
+        and signals.grad_norm * clip_coef > options.max_grad_norm
+    ):
         clip_coef = options.max_grad_norm / signals.grad_norm
         event = event or "clip"
 
@@ -271,11 +276,12 @@ def _momentum(state: ControllerState, options: ControllerOptions, context: Conte
     target = context.momentum
     ranged = state.log_curvature_high is not None and state.log_curvature_low is not None
     if ranged and not context.ema_momentum:
-        sqrt_kappa = math.exp(0.5 * (state.log_curvature_high - state.log_curvature_low))
+        # ((sqrt(k) - 1) / (sqrt(k) + 1))^2 = tanh(log(k) / 4)^2, which cannot overflow.
+        log_kappa = state.log_curvature_high - state.log_curvature_low
         # The range rule raises momentum on ill-conditioned problems; it never lowers the
         # user's choice, since under gradient noise the secant samples cluster (their
         # noise bias is ~ (1 - mu^2) / lr) and would read as a well-conditioned problem.
-        target = max(target, ((sqrt_kappa - 1.0) / (sqrt_kappa + 1.0)) ** 2)
+        target = max(target, math.tanh(0.25 * log_kappa) ** 2)
     value = target * (1.0 - max(0.0, -state.grad_cosine))
     return _clamp(value, options.min_momentum, options.max_momentum)
 

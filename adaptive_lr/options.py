@@ -45,7 +45,8 @@ class ControllerOptions:
             allows ordinary fluctuations (exp(3 * 0.25) = 2.1x by default).
         warmup_steps: steps of statistics gathered before the spike test starts.
         spike_backoff: multiplier *= spike_backoff on a spike.
-        skip_backoff: multiplier *= skip_backoff on a non-finite gradient or loss.
+        skip_backoff: multiplier *= skip_backoff on a non-finite gradient or loss
+            (at most spike_backoff, so a larger spike never leaves a larger lr).
         max_update_ratio: largest step size relative to the first step's parameter norm
             [dimensionless].
         max_grad_norm: optional hard cap on the global gradient norm (event "clip"), as
@@ -123,6 +124,12 @@ class ControllerOptions:
         _in_range("warmup_steps", self.warmup_steps, low=1)
         _in_range("spike_backoff", self.spike_backoff, low=0.0, high=1.0, low_open=True)
         _in_range("skip_backoff", self.skip_backoff, low=0.0, high=1.0, low_open=True)
+        if self.skip_backoff > self.spike_backoff:
+            # A non-finite gradient is the largest spike of all: it must not cut less.
+            raise ValueError(
+                f"option skip_backoff ({self.skip_backoff}) must not exceed spike_backoff "
+                f"({self.spike_backoff})"
+            )
         _in_range("max_update_ratio", self.max_update_ratio, low=0.0, low_open=True)
         if self.max_grad_norm is not None:
             _in_range("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)

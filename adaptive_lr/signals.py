@@ -56,7 +56,10 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _stack(scalars: Sequence[Tensor]) -> Tensor:
-    device = scalars[0].device
+    """0-d tensors into one float64 vector on the first one's device."""
+    device, dtype = scalars[0].device, scalars[0].dtype
+    if all(s.device == device and s.dtype == dtype for s in scalars):
+        return torch.stack(list(scalars)).to(torch.float64)  # the common case: one cast
     return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
 
 
@@ -161,7 +164,7 @@ def measure(
         parts.append(trajectory.descent_sq.to(device))
     if isinstance(loss, Tensor):
         parts.append(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
-    values = torch.stack([p.to(device=device, dtype=torch.float64) for p in parts]).tolist()
+    values = _stack(parts).tolist()
 
     total_sq = values[0]
     groups = [v**0.5 for v in values[1 : 1 + len(group_sq)]]

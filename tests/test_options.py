@@ -218,3 +218,9 @@ def test_initial_lr_multiplier_outside_the_multiplier_bounds_raises(bounds: dict
 def test_initial_lr_multiplier_at_a_bound_is_valid() -> None:
     options = ControllerOptions(initial_lr_multiplier=10.0, max_lr_multiplier=10.0)
     assert options.initial_lr_multiplier == options.max_lr_multiplier
+
+
+def test_skip_backoff_above_spike_backoff_raises_naming_both() -> None:
+    """A non-finite gradient is the largest spike: it must never cut the lr less."""
+    with pytest.raises(ValueError, match=r"skip_backoff.*spike_backoff"):
+        ControllerOptions(spike_backoff=0.5, skip_backoff=0.7)

@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=1,
-        help="torch threads; 1 is fastest for a network 20 units wide (2 threads ran 10x slower on 2 cores)",
+        help="torch threads; a network 20 units wide gains nothing from more (they slow it when busy)",
     )
     args = parser.parse_args(argv)
     if args.epochs < 1:

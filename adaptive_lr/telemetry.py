@@ -17,7 +17,7 @@ class StepRecord:
     ``lr`` and ``momentum`` are the values the base optimizer used during its step (first
     param group), after the controller's multiplier and momentum; ``momentum`` is None
     where the base optimizer has no momentum (then only the learning rate is controlled).
-    ``event`` is one of "skip", "spike", "clip", "curvature_cap" or None.
+    ``event`` is one of "skip", "spike", "clip", "curvature_cap", "update_cap" or None.
     """
 
     step: int

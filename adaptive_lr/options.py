@@ -59,6 +59,10 @@ class ControllerOptions:
         curvature_probe_every: run the Hessian power-iteration probe every this many steps
             when step() gets a closure; 0 disables the probe.
         probe_iterations: Hessian-vector products per probe.
+        sample_fraction: fraction of each large tensor's coordinates (one contiguous block)
+            on which the secant signals are measured; 1.0 measures every coordinate.
+        min_sample_size: tensors with at most this many elements are measured whole, and
+            no block is smaller [elements].
         preconditioned: treat the base method as preconditioned (Adam family) when
             applying the bound; None infers it from the optimizer class.
 
@@ -96,6 +100,8 @@ class ControllerOptions:
     stability_margin: float = 0.5
     curvature_probe_every: int = 0
     probe_iterations: int = 20
+    sample_fraction: float = 0.0625
+    min_sample_size: int = 4096
     preconditioned: bool | None = None
 
     min_momentum: float = 0.0
@@ -137,6 +143,8 @@ class ControllerOptions:
         _in_range("stability_margin", self.stability_margin, low=0.0, high=1.0, low_open=True)
         _in_range("curvature_probe_every", self.curvature_probe_every, low=0)
         _in_range("probe_iterations", self.probe_iterations, low=1)
+        _in_range("sample_fraction", self.sample_fraction, low=0.0, high=1.0, low_open=True)
+        _in_range("min_sample_size", self.min_sample_size, low=1)
         _in_range("min_momentum", self.min_momentum, low=0.0, high=1.0, high_open=True)
         _in_range("max_momentum", self.max_momentum, low=self.min_momentum, high=1.0, high_open=True)
         _in_range("cosine_decay", self.cosine_decay, low=0.0, high=1.0, high_open=True)

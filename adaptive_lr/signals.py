@@ -1,26 +1,33 @@
 """What is measured each step, with torch's foreach ops and one host sync.
 
-The secant signals need the last parameter change. They are kept with one buffer per
-parameter, the last descent step d = x_{t-1} - x_t, and two scalars computed right after
-that step: <g_{t-1}, d> and ||d||^2. At step t, with the new gradient g_t::
+The gradient norm (global and per group) is exact, over every gradient. The secant
+signals need the last parameter change d = x_{t-1} - x_t; they are measured on a fixed
+sample of coordinates (one contiguous block of each large tensor, at a fixed
+pseudo-random offset; tensors of at most ``min_sample_size`` elements entirely), each
+tensor's contribution weighted by numel / sampled so the sums estimate the full ones::
 
     curvature      = <g_{t-1} - g_t, d> / ||d||^2            (secant, Barzilai-Borwein)
     step_sharpness = <g_{t-1} - g_t, d> / <g_{t-1}, d>       (lr x curvature along the update)
     grad_cosine    = <g_t, d> / (||g_t|| ||d||)
+    step_size      = ||d||
+
+With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals cheap:
+the buffer for d and the memory traffic of the secant shrink by the sample fraction
+(d needs a copy before the inner step and a subtraction after it).
 
 For plain gradient descent d = lr g_{t-1}, so grad_cosine is the cosine between
 successive gradients and step_sharpness = lr x curvature. For momentum and adaptive
 methods d is the actual update, so grad_cosine < 0 says the gradient has turned against
 the step just taken (overshoot), and step_sharpness measures the curvature along the
-update in the optimizer's own metric. Storing g_{t-1} as well would give the plain
-successive-gradient cosine at the price of a second parameter-sized buffer.
+update in the optimizer's own metric.
 
-All scalars of a step (norms, dot products, the loss) are stacked into one float64 vector
-and read back with a single ``.tolist()``: one host sync per step.
+All scalars of a step are stacked into one float64 vector and read back with a single
+``.tolist()``: one host sync per step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,17 +36,23 @@ from torch import Tensor
 
 from adaptive_lr.controller import Signals
 
+_GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over tensors.
+
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Sum of per-tensor dot products as a 0-d float64 tensor (zero for empty lists).
+    """Sum of per-tensor dot products as a 0-d float64 tensor (zero for empty lists)."""
+    if not xs:
+        return torch.zeros((), dtype=torch.float64)
+    return dots(xs, ys).sum()
+
+
+def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """Per-tensor dot products as a float64 vector.
 
     torch has no foreach dot product; one ``torch.dot`` per tensor reads each operand once
     and allocates nothing parameter-sized.
     """
-    if not xs:
-        return torch.zeros((), dtype=torch.float64)
-    parts = [torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys, strict=True)]
-    return _stack(parts).sum()
+    return _stack([torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys, strict=True)])
 
 
 def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
@@ -63,12 +76,32 @@ def _stack(scalars: Sequence[Tensor]) -> Tensor:
     return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
 
 
+@dataclass(frozen=True)
+class SampleLayout:
+    """Which coordinates of each tensor the secant signals read."""
+
+    fraction: float
+    min_size: int
+
+    def block(self, position: int, numel: int) -> tuple[int, int]:
+        """(offset, length) of the sampled block of a tensor with `numel` elements.
+
+        A function of the parameter's position in the param groups and its size only, so
+        a resumed run samples the same coordinates.
+        """
+        length = min(numel, max(self.min_size, math.ceil(self.fraction * numel)))
+        offset = (position * _GOLDEN) % (numel - length + 1)
+        return offset, length
+
+
 @dataclass
 class GradientView:
     """The parameters that have a gradient this step, in param-group order."""
 
     params: list[Tensor]
     grads: list[Tensor]
+    positions: list[int]
+    """Position of each parameter in the param groups (as in state_dict)."""
     group_bounds: list[tuple[int, int]]
     """[start, end) of each param group inside params."""
 
@@ -76,10 +109,13 @@ class GradientView:
     def collect(cls, param_groups: Sequence[dict]) -> GradientView:
         params: list[Tensor] = []
         grads: list[Tensor] = []
+        positions: list[int] = []
         bounds: list[tuple[int, int]] = []
+        position = 0
         for group in param_groups:
             start = len(params)
             for p in group["params"]:
+                position += 1
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -90,18 +126,24 @@ class GradientView:
                     )
                 params.append(p)
                 grads.append(p.grad)
+                positions.append(position - 1)
             bounds.append((start, len(params)))
-        return cls(params, grads, bounds)
+        return cls(params, grads, positions, bounds)
 
 
 class Trajectory:
-    """The last descent step per parameter and the scalars the secant signals need."""
+    """The last descent step on the sampled coordinates, and the secant's scalars."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: SampleLayout) -> None:
+        self.layout = layout
         self.descent: dict[Tensor, Tensor] = {}
+        """Sampled d per parameter (a flat block)."""
+        self.blocks: dict[Tensor, tuple[int, int, float]] = {}
+        """(offset, length, weight = numel / length) per parameter."""
         self.grad_dot_descent: Tensor | None = None
-        """<g_{t-1}, d>, computed with the unclipped gradient."""
+        """Estimate of <g_{t-1}, d>, computed with the unclipped gradient."""
         self.descent_sq: Tensor | None = None
+        """Estimate of ||d||^2."""
 
     @property
     def ready(self) -> bool:
@@ -112,33 +154,52 @@ class Trajectory:
         self.grad_dot_descent = None
         self.descent_sq = None
 
-    def snapshot(self, params: Sequence[Tensor]) -> None:
-        """Keep x_t in the descent buffers before the inner step (they become d after it)."""
-        kept = set(params)
+    def place(self, p: Tensor, position: int) -> None:
+        """Fix the sampled block of parameter `p` at `position` in the param groups."""
+        if p not in self.blocks:
+            numel = _flat(p).numel()
+            offset, length = self.layout.block(position, numel)
+            self.blocks[p] = (offset, length, numel / length)
+
+    def sample(self, t: Tensor, p: Tensor) -> Tensor:
+        """The sampled block of `t` (a parameter or its gradient), flat."""
+        offset, length, _ = self.blocks[p]
+        return _flat(t)[offset : offset + length]
+
+    def snapshot(self, view: GradientView) -> None:
+        """Keep x_t's sample in the descent buffers before the inner step."""
+        kept = set(view.params)
         for p in [p for p in self.descent if p not in kept]:
             del self.descent[p]  # Not updated this step: its descent is zero, drop it.
-        for p in params:
+        for p, position in zip(view.params, view.positions, strict=True):
+            self.place(p, position)
             if p not in self.descent:
-                self.descent[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-        torch._foreach_copy_([self.descent[p] for p in params], list(params))
+                self.descent[p] = _flat(p).new_empty(self.blocks[p][1])
+        torch._foreach_copy_([self.descent[p] for p in view.params], [self.sample(p, p) for p in view.params])
 
     def finish(self, view: GradientView, clip_coef: float) -> None:
-        """After the inner step: d = x_t - x_{t+1}, and its scalars (kept on device)."""
+        """After the inner step: d = x_t - x_{t+1} on the sample, and its scalars (on device)."""
         buffers = [self.descent[p] for p in view.params]
         if not buffers:
             self.reset()
             return
-        torch._foreach_sub_(buffers, view.params)
-        self.grad_dot_descent = dot(view.grads, buffers) / clip_coef
-        self.descent_sq = squared_norms(buffers).sum()
+        torch._foreach_sub_(buffers, [self.sample(p, p) for p in view.params])
+        weights = self._weights(view.params, buffers[0].device)
+        grads = [self.sample(g, p) for p, g in zip(view.params, view.grads, strict=True)]
+        self.grad_dot_descent = (dots(grads, buffers) @ weights) / clip_coef
+        self.descent_sq = squared_norms(buffers) @ weights
 
-    def shorten(self, params: Sequence[Tensor], scale: float) -> None:
-        """Turn the step just taken, x_t -> x_t - d, into x_t -> x_t - scale * d."""
-        buffers = [self.descent[p] for p in params]
-        torch._foreach_add_(list(params), buffers, alpha=1.0 - scale)
-        torch._foreach_mul_(buffers, scale)
-        self.grad_dot_descent = self.grad_dot_descent * scale
-        self.descent_sq = self.descent_sq * (scale * scale)
+    def grad_dot(self, view: GradientView) -> Tensor:
+        """Estimate of <g_t, d> over the parameters that have both."""
+        pairs = [(p, g) for p, g in zip(view.params, view.grads, strict=True) if p in self.descent]
+        if not pairs:
+            return torch.zeros((), dtype=torch.float64)
+        grads = [self.sample(g, p) for p, g in pairs]
+        buffers = [self.descent[p] for p, _ in pairs]
+        return dots(grads, buffers) @ self._weights([p for p, _ in pairs], buffers[0].device)
+
+    def _weights(self, params: Sequence[Tensor], device: torch.device) -> Tensor:
+        return torch.tensor([self.blocks[p][2] for p in params], dtype=torch.float64, device=device)
 
 
 def measure(
@@ -154,12 +215,7 @@ def measure(
     parts: list[Tensor] = [norms_sq.sum(), *group_sq]
     secant = trajectory.ready
     if secant:
-        pairs = [
-            (g, trajectory.descent[p])
-            for p, g in zip(view.params, view.grads, strict=True)
-            if p in trajectory.descent
-        ]
-        parts.append(dot([g for g, _ in pairs], [d for _, d in pairs]).to(device))
+        parts.append(trajectory.grad_dot(view).to(device))
         parts.append(trajectory.grad_dot_descent.to(device))
         parts.append(trajectory.descent_sq.to(device))
     if isinstance(loss, Tensor):
@@ -179,7 +235,7 @@ def measure(
         if descent_sq > 0.0:
             curvature = change / descent_sq
             if grad_norm > 0.0:
-                grad_cosine = grad_dot / (grad_norm * descent_sq**0.5)
+                grad_cosine = max(-1.0, min(1.0, grad_dot / (grad_norm * step_size)))
         if previous_dot > 0.0:
             step_sharpness = change / previous_dot
     if isinstance(loss, Tensor):

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from adaptive_lr import controller as ctl
 from adaptive_lr.options import ControllerOptions
-from adaptive_lr.signals import GradientView, Trajectory, measure, squared_norms
+from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, measure, squared_norms
 from adaptive_lr.telemetry import HistoryCallback, StepRecord
 
 STATE_KEY = "adaptive_lr"
@@ -95,7 +95,7 @@ class AdaptiveOptimizer(Optimizer):
         self.options = opts
         self.callback = callback
         self._controller_state = ctl.init_state(opts)
-        self._trajectory = Trajectory()
+        self._trajectory = Trajectory(_layout(opts))
         self._history: deque[StepRecord] = deque(maxlen=opts.history_size)
         self._probe_vector: dict[Tensor, Tensor] = {}
         self._init_hooks()
@@ -211,35 +211,40 @@ class AdaptiveOptimizer(Optimizer):
         if not decision.skip and view.params:
             if decision.clip_coef < 1.0:
                 torch._foreach_mul_(view.grads, decision.clip_coef)
-            self._trajectory.snapshot(view.params)
-            first = new_state.reference_norm is None
-            param_norm = squared_norms(self._trajectory.descent.values()).sum() if first else None
+            self._trajectory.snapshot(view)
+            # The first step's full parameters: kept once, for the update guard's check.
+            before = [p.detach().clone() for p in view.params] if new_state.reference_norm is None else None
             try:
                 with _applied(self.param_groups, decision, self.options.momentum_control):
                     self.optimizer.step()
             except BaseException:
                 self._trajectory.reset()
                 raise
+            if before is not None:
+                new_state, decision = self._check_first_step(view, before, new_state, decision)
             self._trajectory.finish(view, decision.clip_coef)
-            if first:
-                new_state, decision = self._check_first_step(view, param_norm, new_state, decision)
         self._controller_state = new_state
         self._record(decision, signals, group_norms, context)
         return loss
 
     def _check_first_step(
-        self, view: GradientView, param_norm_sq: Tensor, state: ctl.ControllerState, decision: ctl.Decision
+        self,
+        view: GradientView,
+        before: list[Tensor],
+        state: ctl.ControllerState,
+        decision: ctl.Decision,
     ) -> tuple[ctl.ControllerState, ctl.Decision]:
         """The update guard's after-the-fact check of a step nothing could predict.
 
-        Costs one extra host sync, on the first applied step only.
+        Costs a copy of the parameters and one extra host sync, on the first step only.
         """
-        step_sq, norm_sq = torch.stack(
-            [self._trajectory.descent_sq, param_norm_sq.to(self._trajectory.descent_sq)]
-        ).tolist()
+        param_sq = squared_norms(before).sum()
+        torch._foreach_sub_(before, view.params)  # now the full step d = x_0 - x_1
+        step_sq, norm_sq = torch.stack([squared_norms(before).sum(), param_sq]).tolist()
         scale, state = ctl.first_step_scale(step_sq**0.5, norm_sq**0.5, state, self.options)
         if scale < 1.0:
-            self._trajectory.shorten(view.params, scale)
+            # Updates are linear in lr: x_0 - scale * d is the step at lr x scale.
+            torch._foreach_add_(view.params, before, alpha=1.0 - scale)
             decision = replace(
                 decision,
                 lr_multiplier=decision.lr_multiplier * scale,
@@ -379,11 +384,12 @@ class AdaptiveOptimizer(Optimizer):
         self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
 
         params = [p for g in self.param_groups for p in g["params"]]
-        trajectory = Trajectory()
+        trajectory = Trajectory(_layout(options))
         probe: dict[Tensor, Tensor] = {}
         for k, entries in ours.items():
             p = params[int(k)]
             if DESCENT_KEY in entries:
+                trajectory.place(p, int(k))
                 trajectory.descent[p] = entries[DESCENT_KEY].to(device=p.device, dtype=p.dtype).clone()
             if PROBE_KEY in entries:
                 probe[p] = entries[PROBE_KEY].to(device=p.device, dtype=p.dtype).clone()
@@ -437,6 +443,10 @@ class _applied:
     def __exit__(self, *exc: object) -> None:
         for group, key, value in reversed(self.saved):
             group[key] = value
+
+
+def _layout(options: ControllerOptions) -> SampleLayout:
+    return SampleLayout(fraction=options.sample_fraction, min_size=options.min_sample_size)
 
 
 def _momentum_of(group: dict[str, Any]) -> float | None:

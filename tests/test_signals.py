@@ -12,7 +12,7 @@ from torch import nn
 
 import adaptive_lr
 from adaptive_lr import ControllerOptions
-from adaptive_lr.signals import GradientView, Trajectory, dot, measure
+from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, dot, measure
 
 
 def quadratic(eigenvalues: torch.Tensor, seed: int = 0):
@@ -44,7 +44,7 @@ def test_grad_norm_and_group_norms_match_torch_clip_grad_norm():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     model(torch.randn(5, 4)).pow(2).sum().backward()
     groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters())}]
-    signals, group_norms = measure(GradientView.collect(groups), Trajectory(), None)
+    signals, group_norms = measure(GradientView.collect(groups), Trajectory(SampleLayout(1.0, 1)), None)
     total = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
     assert signals.grad_norm == pytest.approx(total, rel=1e-6)
     assert math.hypot(*group_norms) == pytest.approx(total, rel=1e-6)
@@ -148,3 +148,48 @@ def test_each_step_makes_exactly_one_host_sync_after_the_first(monkeypatch):
     for _ in range(3):
         step()
     assert calls == ["tolist"] * 3
+
+
+@given(position=st.integers(0, 10_000), numel=st.integers(1, 10**7), fraction=st.floats(1e-4, 1.0))
+def test_sampled_block_lies_inside_the_tensor_and_covers_small_tensors_whole(position, numel, fraction):
+    layout = SampleLayout(fraction=fraction, min_size=4096)
+    offset, length = layout.block(position, numel)
+    assert 0 <= offset and offset + length <= numel
+    assert length == min(numel, max(4096, math.ceil(fraction * numel)))
+    assert layout.block(position, numel) == (offset, length)  # a function of its arguments
+
+
+def test_sampled_signals_estimate_the_exact_ones_on_a_large_quadratic():
+    """Default sampling (1/16 of each large tensor) against every coordinate, same run."""
+    g = torch.Generator().manual_seed(0)
+    curvatures = torch.rand(3, 100_000, generator=g, dtype=torch.float64) * 9 + 1
+    start = torch.randn(3, 100_000, generator=g, dtype=torch.float64)
+
+    def run(fraction):
+        x = nn.Parameter(start.clone())
+        opt = adaptive_lr.wrap(
+            torch.optim.SGD([x], lr=0.15, momentum=0.5),
+            ControllerOptions.all_off(sample_fraction=fraction, curvature_decay=0.0),
+        )
+        for _ in range(8):
+            opt.zero_grad()
+            (0.5 * (curvatures * x * x).sum()).backward()
+            opt.step()
+        return opt.history
+
+    exact, sampled = run(1.0), run(1 / 16)
+    for a, b in list(zip(exact, sampled, strict=True))[1:]:
+        assert b.curvature == pytest.approx(a.curvature, rel=0.05)
+        assert b.grad_cosine == pytest.approx(a.grad_cosine, abs=0.02)
+        assert b.grad_norm == a.grad_norm  # the norm is always exact
+
+
+def test_descent_buffers_hold_only_the_sample():
+    model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 8))
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    model(torch.randn(4, 512)).sum().backward()
+    opt.step()
+    held = {p: b.numel() for p, b in opt._trajectory.descent.items()}
+    assert held[model[0].weight] == math.ceil(512 * 512 / 16)
+    assert held[model[0].bias] == 512  # small tensors whole
+    assert sum(held.values()) < 0.1 * sum(p.numel() for p in model.parameters())

@@ -41,18 +41,18 @@ _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """Sum of per-tensor dot products as a 0-d float64 tensor (zero for empty lists)."""
-    if not xs:
-        return torch.zeros((), dtype=torch.float64)
-    return dots(xs, ys).sum()
+    return dots([_flat(x) for x in xs], [_flat(y) for y in ys]).sum()
 
 
 def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Per-tensor dot products as a float64 vector.
+    """Per-tensor dot products of flat (1-d, real) tensors as a float64 vector.
 
     torch has no foreach dot product; one ``torch.dot`` per tensor reads each operand once
     and allocates nothing parameter-sized.
     """
-    return _stack([torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys, strict=True)])
+    if not xs:
+        return torch.zeros(0, dtype=torch.float64)
+    return _stack([torch.dot(x, y) for x, y in zip(xs, ys, strict=True)])
 
 
 def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
@@ -131,6 +131,17 @@ class GradientView:
         return cls(params, grads, positions, bounds)
 
 
+@dataclass
+class StepSample:
+    """This step's sampled blocks, built once and shared by measuring and stepping."""
+
+    params: list[Tensor]
+    param_blocks: list[Tensor]
+    grad_blocks: list[Tensor]
+    weights: Tensor
+    """numel / sampled per tensor: the weights that turn block sums into full estimates."""
+
+
 class Trajectory:
     """The last descent step on the sampled coordinates, and the secant's scalars."""
 
@@ -161,65 +172,78 @@ class Trajectory:
             offset, length = self.layout.block(position, numel)
             self.blocks[p] = (offset, length, numel / length)
 
-    def sample(self, t: Tensor, p: Tensor) -> Tensor:
-        """The sampled block of `t` (a parameter or its gradient), flat."""
-        offset, length, _ = self.blocks[p]
-        return _flat(t)[offset : offset + length]
-
-    def snapshot(self, view: GradientView) -> None:
-        """Keep x_t's sample in the descent buffers before the inner step."""
-        kept = set(view.params)
-        for p in [p for p in self.descent if p not in kept]:
-            del self.descent[p]  # Not updated this step: its descent is zero, drop it.
-        for p, position in zip(view.params, view.positions, strict=True):
+    def prepare(self, view: GradientView) -> StepSample:
+        """The sampled blocks of this step's parameters and gradients."""
+        param_blocks, grad_blocks, weights = [], [], []
+        for p, g, position in zip(view.params, view.grads, view.positions, strict=True):
             self.place(p, position)
-            if p not in self.descent:
-                self.descent[p] = _flat(p).new_empty(self.blocks[p][1])
-        torch._foreach_copy_([self.descent[p] for p in view.params], [self.sample(p, p) for p in view.params])
+            offset, length, weight = self.blocks[p]
+            flat_p, flat_g = _flat(p), _flat(g)
+            if length == flat_p.numel():
+                param_blocks.append(flat_p)
+                grad_blocks.append(flat_g)
+            else:
+                param_blocks.append(flat_p[offset : offset + length])
+                grad_blocks.append(flat_g[offset : offset + length])
+            weights.append(weight)
+        device = view.params[0].device if view.params else None
+        return StepSample(
+            view.params, param_blocks, grad_blocks, torch.tensor(weights, dtype=torch.float64, device=device)
+        )
 
-    def finish(self, view: GradientView, clip_coef: float) -> None:
+    def snapshot(self, sample: StepSample) -> None:
+        """Keep x_t's sample in the descent buffers before the inner step."""
+        if len(self.descent) != len(sample.params) or any(p not in self.descent for p in sample.params):
+            kept = set(sample.params)
+            for p in [p for p in self.descent if p not in kept]:
+                del self.descent[p]  # Not updated this step: its descent is zero, drop it.
+            for p, block in zip(sample.params, sample.param_blocks, strict=True):
+                if p not in self.descent:
+                    self.descent[p] = torch.empty_like(block)
+        torch._foreach_copy_([self.descent[p] for p in sample.params], sample.param_blocks)
+
+    def finish(self, sample: StepSample, clip_coef: float) -> None:
         """After the inner step: d = x_t - x_{t+1} on the sample, and its scalars (on device)."""
-        buffers = [self.descent[p] for p in view.params]
-        if not buffers:
+        if not sample.params:
             self.reset()
             return
-        torch._foreach_sub_(buffers, [self.sample(p, p) for p in view.params])
-        weights = self._weights(view.params, buffers[0].device)
-        grads = [self.sample(g, p) for p, g in zip(view.params, view.grads, strict=True)]
-        self.grad_dot_descent = (dots(grads, buffers) @ weights) / clip_coef
-        self.descent_sq = squared_norms(buffers) @ weights
+        buffers = [self.descent[p] for p in sample.params]
+        torch._foreach_sub_(buffers, sample.param_blocks)
+        self.grad_dot_descent = (dots(sample.grad_blocks, buffers) @ sample.weights) / clip_coef
+        self.descent_sq = squared_norms(buffers) @ sample.weights
 
-    def grad_dot(self, view: GradientView) -> Tensor:
+    def grad_dot(self, sample: StepSample) -> Tensor:
         """Estimate of <g_t, d> over the parameters that have both."""
-        pairs = [(p, g) for p, g in zip(view.params, view.grads, strict=True) if p in self.descent]
-        if not pairs:
+        if all(p in self.descent for p in sample.params):
+            buffers = [self.descent[p] for p in sample.params]
+            return dots(sample.grad_blocks, buffers) @ sample.weights
+        kept = [i for i, p in enumerate(sample.params) if p in self.descent]
+        if not kept:
             return torch.zeros((), dtype=torch.float64)
-        grads = [self.sample(g, p) for p, g in pairs]
-        buffers = [self.descent[p] for p, _ in pairs]
-        return dots(grads, buffers) @ self._weights([p for p, _ in pairs], buffers[0].device)
-
-    def _weights(self, params: Sequence[Tensor], device: torch.device) -> Tensor:
-        return torch.tensor([self.blocks[p][2] for p in params], dtype=torch.float64, device=device)
+        grads = [sample.grad_blocks[i] for i in kept]
+        buffers = [self.descent[sample.params[i]] for i in kept]
+        return dots(grads, buffers) @ sample.weights[kept]
 
 
 def measure(
-    view: GradientView, trajectory: Trajectory, loss: Tensor | float | None
+    view: GradientView, trajectory: Trajectory, sample: StepSample, loss: Tensor | float | None
 ) -> tuple[Signals, list[float]]:
     """Compute this step's signals with one host sync.
 
     Returns the signals for the controller and the per-group gradient norms.
     """
     norms_sq = squared_norms(view.grads)
-    group_sq = [norms_sq[a:b].sum() for a, b in view.group_bounds]
-    device = norms_sq.device
-    parts: list[Tensor] = [norms_sq.sum(), *group_sq]
+    if len(view.group_bounds) == 1:
+        group_sq = [norms_sq.sum()]
+        parts: list[Tensor] = [group_sq[0], group_sq[0]]
+    else:
+        group_sq = [norms_sq[a:b].sum() for a, b in view.group_bounds]
+        parts = [norms_sq.sum(), *group_sq]
     secant = trajectory.ready
     if secant:
-        parts.append(trajectory.grad_dot(view).to(device))
-        parts.append(trajectory.grad_dot_descent.to(device))
-        parts.append(trajectory.descent_sq.to(device))
+        parts += [trajectory.grad_dot(sample), trajectory.grad_dot_descent, trajectory.descent_sq]
     if isinstance(loss, Tensor):
-        parts.append(loss.detach().reshape(()).to(device=device, dtype=torch.float64))
+        parts.append(loss.detach().reshape(()))
     values = _stack(parts).tolist()
 
     total_sq = values[0]

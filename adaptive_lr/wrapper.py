@@ -202,7 +202,8 @@ class AdaptiveOptimizer(Optimizer):
             )
         view = GradientView.collect(self.param_groups)
         sharpness = self._probe(closure, view) if probe_due else None
-        signals, group_norms = measure(view, self._trajectory, loss_for_signals)
+        sample = self._trajectory.prepare(view)
+        signals, group_norms = measure(view, self._trajectory, sample, loss_for_signals)
         if sharpness is not None:
             signals = ctl.Signals(**{**asdict(signals), "sharpness": sharpness})
 
@@ -211,7 +212,7 @@ class AdaptiveOptimizer(Optimizer):
         if not decision.skip and view.params:
             if decision.clip_coef < 1.0:
                 torch._foreach_mul_(view.grads, decision.clip_coef)
-            self._trajectory.snapshot(view)
+            self._trajectory.snapshot(sample)
             # The first step's full parameters: kept once, for the update guard's check.
             before = [p.detach().clone() for p in view.params] if new_state.reference_norm is None else None
             try:
@@ -222,7 +223,7 @@ class AdaptiveOptimizer(Optimizer):
                 raise
             if before is not None:
                 new_state, decision = self._check_first_step(view, before, new_state, decision)
-            self._trajectory.finish(view, decision.clip_coef)
+            self._trajectory.finish(sample, decision.clip_coef)
         self._controller_state = new_state
         self._record(decision, signals, group_norms, context)
         return loss

@@ -44,7 +44,8 @@ def test_grad_norm_and_group_norms_match_torch_clip_grad_norm():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     model(torch.randn(5, 4)).pow(2).sum().backward()
     groups = [{"params": list(model[0].parameters())}, {"params": list(model[1].parameters())}]
-    signals, group_norms = measure(GradientView.collect(groups), Trajectory(SampleLayout(1.0, 1)), None)
+    view, trajectory = GradientView.collect(groups), Trajectory(SampleLayout(1.0, 1))
+    signals, group_norms = measure(view, trajectory, trajectory.prepare(view), None)
     total = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
     assert signals.grad_norm == pytest.approx(total, rel=1e-6)
     assert math.hypot(*group_norms) == pytest.approx(total, rel=1e-6)
@@ -154,7 +155,7 @@ def test_each_step_makes_exactly_one_host_sync_after_the_first(monkeypatch):
 def test_sampled_block_lies_inside_the_tensor_and_covers_small_tensors_whole(position, numel, fraction):
     layout = SampleLayout(fraction=fraction, min_size=4096)
     offset, length = layout.block(position, numel)
-    assert 0 <= offset and offset + length <= numel
+    assert offset >= 0 and offset + length <= numel
     assert length == min(numel, max(4096, math.ceil(fraction * numel)))
     assert layout.block(position, numel) == (offset, length)  # a function of its arguments
 

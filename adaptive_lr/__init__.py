@@ -7,6 +7,7 @@ Architecture: signals (what is measured) -> controller (what is decided, pure lo
 wrapper (how it is applied to a torch optimizer).
 """
 
+from adaptive_lr import hessian, schedules
 from adaptive_lr.controller import (
     Context,
     ControllerState,
@@ -17,6 +18,13 @@ from adaptive_lr.controller import (
     stability_bound,
 )
 from adaptive_lr.options import ControllerOptions
+from adaptive_lr.schedules import (
+    HyperparameterScheduler,
+    learning_rate_scheduler,
+    momentum_scheduler,
+    scheduler,
+    weight_decay_schedule,
+)
 from adaptive_lr.telemetry import CSVHistoryWriter, StepRecord, write_history_csv
 from adaptive_lr.wrapper import AdaptiveOptimizer, wrap
 
@@ -29,11 +37,18 @@ __all__ = [
     "ControllerOptions",
     "ControllerState",
     "Decision",
+    "HyperparameterScheduler",
     "Signals",
     "StepRecord",
     "decide",
+    "hessian",
     "init_state",
+    "learning_rate_scheduler",
+    "momentum_scheduler",
+    "scheduler",
+    "schedules",
     "stability_bound",
+    "weight_decay_schedule",
     "wrap",
     "write_history_csv",
 ]

@@ -12,6 +12,16 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+COMPONENTS = (
+    "spike_guard",
+    "skip_nonfinite",
+    "curvature_governor",
+    "recovery",
+    "momentum_control",
+    "update_guard",
+)
+"""The switches of the feedback components, each of which can be turned off on its own."""
+
 
 @dataclass(frozen=True)
 class ControllerOptions:
@@ -176,14 +186,7 @@ class ControllerOptions:
     @classmethod
     def all_off(cls, **changes: Any) -> ControllerOptions:
         """Every feedback component switched off: the wrapper then reproduces the base optimizer."""
-        base = dict(
-            spike_guard=False,
-            skip_nonfinite=False,
-            curvature_governor=False,
-            recovery=False,
-            momentum_control=False,
-            update_guard=False,
-        )
+        base: dict[str, Any] = dict.fromkeys(COMPONENTS, False)
         base.update(changes)
         return cls.from_kwargs(**base)
 

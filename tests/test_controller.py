@@ -26,18 +26,10 @@ from adaptive_lr.controller import (
     init_state,
     stability_bound,
 )
-from adaptive_lr.options import ControllerOptions
+from adaptive_lr.options import COMPONENTS, ControllerOptions
 
 REL_TOL = 1e-9
 
-COMPONENT_FLAGS = (
-    "spike_guard",
-    "skip_nonfinite",
-    "curvature_governor",
-    "recovery",
-    "momentum_control",
-    "update_guard",
-)
 
 SGD = Context(lr=0.1, momentum=0.9)
 """Heavy-ball SGD: secant curvature in 1/lr units."""
@@ -827,7 +819,7 @@ def options_strategy(draw: st.DrawFn, max_grad_norm: bool = True) -> ControllerO
     max_lr = draw(st.floats(min_value=min_lr, max_value=1e4))
     min_momentum = draw(st.floats(min_value=0.0, max_value=0.9))
     return ControllerOptions(
-        **{flag: draw(st.booleans()) for flag in COMPONENT_FLAGS},
+        **{flag: draw(st.booleans()) for flag in COMPONENTS},
         initial_lr_multiplier=draw(st.floats(min_value=min_lr, max_value=max_lr)),
         min_lr_multiplier=min_lr,
         max_lr_multiplier=max_lr,

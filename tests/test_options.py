@@ -13,19 +13,11 @@ from typing import Any
 
 import pytest
 
-from adaptive_lr.options import ControllerOptions
+from adaptive_lr.options import COMPONENTS, ControllerOptions
 
 NAN = math.nan
 INF = math.inf
 
-COMPONENT_FLAGS = (
-    "spike_guard",
-    "skip_nonfinite",
-    "curvature_governor",
-    "recovery",
-    "momentum_control",
-    "update_guard",
-)
 
 # (option, value outside its documented range). Every numeric option appears at least once;
 # `test_out_of_range_table_covers_every_numeric_option` keeps it that way.
@@ -185,10 +177,10 @@ def test_replace_rejects_an_unknown_name() -> None:
 
 def test_component_flags_are_every_bool_option_but_preconditioned() -> None:
     bool_options = {f.name for f in fields(ControllerOptions) if str(f.type) == "bool"}
-    assert bool_options == set(COMPONENT_FLAGS)
+    assert bool_options == set(COMPONENTS)
 
 
-@pytest.mark.parametrize("flag", COMPONENT_FLAGS)
+@pytest.mark.parametrize("flag", COMPONENTS)
 def test_all_off_switches_off_every_component(flag: str) -> None:
     assert getattr(ControllerOptions(), flag) is True
     assert getattr(ControllerOptions.all_off(), flag) is False

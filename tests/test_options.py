@@ -220,3 +220,8 @@ def test_skip_backoff_above_spike_backoff_raises_naming_both() -> None:
     """A non-finite gradient is the largest spike: it must never cut the lr less."""
     with pytest.raises(ValueError, match=r"skip_backoff.*spike_backoff"):
         ControllerOptions(spike_backoff=0.5, skip_backoff=0.7)
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(ControllerOptions)])
+def test_every_option_is_documented_in_the_class_docstring(name: str) -> None:
+    assert re.search(rf"\b{name}[:,]", ControllerOptions.__doc__ or "")

@@ -629,3 +629,25 @@ def test_probe_measures_the_top_eigenvalue_of_a_quadratic_through_the_training_c
     opt.step(closure)  # not a probe step
     assert opt.history[-1].sharpness is None
     assert not torch.equal(before[0], x)
+
+
+def test_grad_scaler_overflow_steps_never_reach_the_controller_and_norms_are_unscaled():
+    model = make_model()
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = next(batches(1))
+    steps = []
+    for i in range(4):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if i == 2:
+            model[0].weight.grad[0, 0] = float("inf")  # an fp16-style overflow
+        scaler.step(opt, loss=loss)
+        scaler.update()
+        steps.append(opt._controller_state.step)
+        unscaled = nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item()
+        if i != 2:
+            assert opt.history[-1].grad_norm == pytest.approx(unscaled, rel=1e-5)
+    assert steps == [1, 2, 2, 3]
+    assert all(r.event != "skip" for r in opt.history)

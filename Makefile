@@ -1,7 +1,9 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # Each creates the virtual environment it needs. torch is pinned for development and CI:
 # pip has the CPU build of torch 2.13.0 on disk here, and an unpinned torch would pull a
-# multi-GB CUDA build. The library itself declares a range (pyproject.toml).
+# multi-GB CUDA build. The library itself declares a range (pyproject.toml). The tests
+# cover the experiments framework too, so its extra (peers, scikit-learn, matplotlib) is
+# installed here under the same torch pin.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,demo]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,demo,experiments]"
 	touch $@
 
 demo: $(VENV)/.installed

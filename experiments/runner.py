@@ -8,14 +8,16 @@ process, so a line is never interleaved.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import multiprocessing
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import adaptive_lr
 from adaptive_lr.controller import EVENTS
 from adaptive_lr.telemetry import StepRecord
 from experiments.config import RunSpec
-from experiments.methods import METHODS
+from experiments.methods import METHODS, Setup
 from experiments.tasks import TASKS
 
 DEFAULT_RESULTS = Path("results/experiments")
@@ -46,6 +48,41 @@ def _as_float(loss: Any) -> float:
 
 def _diverged(loss: float) -> bool:
     return not math.isfinite(loss) or loss > DIVERGENCE_THRESHOLD
+
+
+@contextmanager
+def evaluation(setup: Setup) -> Iterator[None]:
+    """Bracket an evaluation of the model by ``optimizer.eval()`` ... ``optimizer.train()``
+    for optimizers that need it (Schedule-Free trains at one point and evaluates at its
+    average); a no-op for the others."""
+    if not setup.train_eval_modes:
+        yield
+        return
+    setup.optimizer.eval()  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        setup.optimizer.train()  # type: ignore[attr-defined]
+
+
+def train_step(setup: Setup, batch_loss: Callable[[], torch.Tensor]) -> float:
+    """One optimizer step on one minibatch; returns the minibatch loss.
+
+    Order: zero_grad, forward, backward, ``setup.gradient_hook`` (e.g. clipping), then the
+    optimizer's update. The closure form lets wrappers that evaluate the closure themselves
+    (adaptive_lr) see the loss.
+    """
+    optimizer = setup.optimizer
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = batch_loss()
+        loss.backward()
+        if setup.gradient_hook is not None:
+            setup.gradient_hook()
+        return loss
+
+    return _as_float(optimizer.step(closure))
 
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
@@ -68,22 +105,14 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
     setup = method.build(params, spec.lr, total_steps=total_steps, callback=on_controller_step)
     optimizer = setup.optimizer
-    loss_curve = [problem.training_loss()]
+    with evaluation(setup):
+        loss_curve = [problem.training_loss()]
     diverged_at: int | None = None
     steps_to_target: int | None = None
     steps = 0
     for _ in range(spec.epochs):
         for batch in problem.epoch_batches():
-
-            def closure(batch: Any = batch) -> torch.Tensor:
-                optimizer.zero_grad()
-                loss = problem.batch_loss(batch)
-                loss.backward()
-                if setup.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, setup.clip_grad_norm)
-                return loss
-
-            loss = _as_float(optimizer.step(closure))
+            loss = train_step(setup, functools.partial(problem.batch_loss, batch))
             steps += 1
             group = optimizer.param_groups[0]
             history = optimizer.history if isinstance(optimizer, adaptive_lr.AdaptiveOptimizer) else None
@@ -102,12 +131,18 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                 steps_to_target = steps
         if diverged_at is not None:
             break
-        loss_curve.append(problem.training_loss())
+        with evaluation(setup):
+            loss_curve.append(problem.training_loss())
         if _diverged(loss_curve[-1]):
             diverged_at = steps
             break
+        if setup.epoch_scheduler is not None:
+            setup.epoch_scheduler.step(loss_curve[-1])
     final_loss = loss_curve[-1] if diverged_at is None else math.inf
-    heldout = problem.heldout_metric() if diverged_at is None else math.nan
+    heldout = math.nan
+    if diverged_at is None:
+        with evaluation(setup):
+            heldout = problem.heldout_metric()
     return {
         "id": spec.run_id,
         "status": "ok",

@@ -65,9 +65,7 @@ def test_rerun_with_a_larger_grid_runs_only_the_new_points(tiny_copy: Path) -> N
     assert len(read_records(tiny_copy)) == 8
 
 
-def test_method_whose_package_is_missing_is_reported_and_skipped_not_crashed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _register_missing_peer(monkeypatch: pytest.MonkeyPatch) -> None:
     def build(*args: object, **kwargs: object) -> None:
         raise AssertionError("a method whose package is missing must not be built")
 
@@ -75,6 +73,12 @@ def test_method_whose_package_is_missing_is_reported_and_skipped_not_crashed(
         "missing_peer", "a peer whose package is absent", build, requires="no_such_package_adaptive_lr"
     )
     monkeypatch.setitem(METHODS, peer.name, peer)
+
+
+def test_method_whose_package_is_missing_is_reported_and_skipped_not_crashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register_missing_peer(monkeypatch)
     spec = RunSpec("noisy_quadratic", "missing_peer", 0.1, 0, 1)
     summary, lines = _run([spec], tmp_path)
     assert spec.run_id in summary.unavailable
@@ -86,10 +90,11 @@ def test_method_whose_package_is_missing_is_reported_and_skipped_not_crashed(
     assert "no_such_package_adaptive_lr" in record["reason"]
 
 
-def test_skipped_record_is_written_once_across_reruns(tmp_path: Path) -> None:
-    spec = RunSpec("noisy_quadratic", "prodigy", 1.0, 0, 1)
-    if METHODS["prodigy"].missing_requirement() is None:
-        pytest.skip("prodigyopt is installed here")
+def test_skipped_record_is_written_once_across_reruns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register_missing_peer(monkeypatch)
+    spec = RunSpec("noisy_quadratic", "missing_peer", 0.1, 0, 1)
     _run([spec], tmp_path)
     _run([spec], tmp_path)
     assert [record["status"] for record in read_records(tmp_path)] == ["skipped"]

@@ -1,4 +1,5 @@
-"""Command line: ``python -m experiments run --preset quick [--results DIR] [--workers N]``."""
+"""Command line: ``python -m experiments run --preset quick [--results DIR] [--workers N]``,
+``python -m experiments report --results DIR [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="worker processes; 1 runs inline (default 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands.add_parser("list", help="list the registered tasks and methods")
+    report = commands.add_parser("report", help="results folder -> report.md, summary.json, figures")
+    report.add_argument(
+        "--results", type=Path, default=DEFAULT_RESULTS, help=f"results folder (default {DEFAULT_RESULTS})"
+    )
+    report.add_argument("--out", type=Path, help="output folder (default <results>/report)")
     return parser
 
 
@@ -41,6 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in METHODS.values():
             note = f"  [needs {method.requires}]" if method.requires else ""
             print(f"  {method.name:36} {method.description}{note}")
+        return 0
+    if args.command == "report":
+        from experiments.report import build_report  # imports matplotlib, needed only here
+
+        try:
+            files = build_report(args.results, args.out)
+        except FileNotFoundError as error:
+            raise SystemExit(str(error)) from error
+        print(f"wrote {files.report}, {files.summary} and {len(files.figures)} figure(s)")
         return 0
     if args.workers < 1:
         raise SystemExit("--workers must be at least 1")

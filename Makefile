@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LINTED := adaptive_lr tests experiments benchmarks
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench paper clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: lint
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/overhead.py
+
+# The write-up, regenerated from the quick preset (resumable: finished runs are kept).
+paper: $(VENV)/.installed
+	$(PY) -m experiments run --preset quick --results results/quick --workers 2
+	$(PY) -m experiments paper --results results/quick --preset quick
 
 clean:
 	rm -rf $(VENV) *.egg-info

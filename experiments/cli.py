@@ -1,5 +1,6 @@
 """Command line: ``python -m experiments run --preset quick [--results DIR] [--workers N]``,
-``python -m experiments report --results DIR [--out DIR]``."""
+``python -m experiments report --results DIR [--out DIR]``,
+``python -m experiments paper --results DIR [--preset quick]``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
         "--results", type=Path, default=DEFAULT_RESULTS, help=f"results folder (default {DEFAULT_RESULTS})"
     )
     report.add_argument("--out", type=Path, help="output folder (default <results>/report)")
+    paper = commands.add_parser("paper", help="results folder -> papers/paper.md (from the template)")
+    paper.add_argument(
+        "--results", type=Path, default=DEFAULT_RESULTS, help=f"results folder (default {DEFAULT_RESULTS})"
+    )
+    paper.add_argument("--preset", choices=config.PRESETS, default="quick", help="the preset that was run")
+    paper.add_argument("--out", type=Path, help="the paper's path (default papers/paper.md)")
     return parser
 
 
@@ -47,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in METHODS.values():
             note = f"  [needs {method.requires}]" if method.requires else ""
             print(f"  {method.name:36} {method.description}{note}")
+        return 0
+    if args.command == "paper":
+        from experiments.paper import build_paper  # imports matplotlib, needed only here
+
+        print(f"wrote {build_paper(args.results, preset=args.preset, out=args.out)}")
         return 0
     if args.command == "report":
         from experiments.report import build_report  # imports matplotlib, needed only here

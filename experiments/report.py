@@ -154,10 +154,10 @@ def _markdown(
         "default lr (nearest grid lr); *events* is the mean number of controller events per run.",
         "",
     ]
-    lines += _targets_section(summary)
-    lines += _overall_section(summary)
+    lines += targets_section(summary)
+    lines += overall_section(summary)
     for task in summary.tasks():
-        lines += _task_section(summary, task, [path.relative_to(out) for path in figures.get(task, [])])
+        lines += task_section(summary, task, [path.relative_to(out) for path in figures.get(task, [])])
     if summary.skipped:
         lines += ["## Skipped runs (not counted)", ""]
         lines += _table(
@@ -171,7 +171,7 @@ def _markdown(
     return "\n".join(lines)
 
 
-def _targets_section(summary: Summary) -> list[str]:
+def targets_section(summary: Summary) -> list[str]:
     present = [item for item in summary.methods.values() if item.method in TARGET_METHODS]
     lines = [
         "## Targets of the controller",
@@ -226,7 +226,7 @@ def _targets_section(summary: Summary) -> list[str]:
     ]
 
 
-def _overall_section(summary: Summary) -> list[str]:
+def overall_section(summary: Summary) -> list[str]:
     tasks = summary.tasks()
     methods = sorted({method for _, method in summary.methods})
     rows = []
@@ -257,7 +257,7 @@ def _default_cell(item: MethodSummary) -> str:
     return cell
 
 
-def _task_section(summary: Summary, task: str, figures: Sequence[Path]) -> list[str]:
+def task_section(summary: Summary, task: str, figures: Sequence[Path]) -> list[str]:
     items = summary.methods_of(task)
     grid = summary.grids[task]
     seeds = max(item.seeds for item in items)

@@ -1,0 +1,148 @@
+"""The write-up: ``papers/paper.template.md`` filled in from a results folder.
+
+``python -m experiments paper --results DIR --preset quick`` writes ``papers/paper.md`` and
+its tables and figures under ``papers/generated/``. The template holds the prose; every
+number comes from a placeholder filled from code or records, never typed by hand:
+
+- ``{{options}}``: every controller option, its default and its documentation, read from
+  `adaptive_lr.ControllerOptions`;
+- ``{{protocol}}``: the grid (tasks, methods, learning rates, seeds, epochs) of the preset;
+- ``{{tasks}}`` and ``{{methods}}``: the registries' descriptions;
+- ``{{targets}}``, ``{{overall}}`` and ``{{task:NAME}}``: the report's tables and figures;
+- ``{{provenance}}``: the commands, the results file, the machine and the code version.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+import adaptive_lr
+from adaptive_lr.options import ControllerOptions
+from experiments import config
+from experiments.methods import METHODS
+from experiments.report import build_report, overall_section, targets_section, task_section
+from experiments.runner import RUNS_FILE, read_records
+from experiments.summary import summarize
+from experiments.tasks import TASKS
+
+PAPERS = Path(__file__).resolve().parent.parent / "papers"
+PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+(?::[a-z0-9_]+)?)\s*\}\}")
+
+
+def build_paper(
+    results: Path, *, preset: str = "quick", template: Path | None = None, out: Path | None = None
+) -> Path:
+    """Render the template with the records of ``results``; return the paper's path."""
+    template = PAPERS / "paper.template.md" if template is None else template
+    out = PAPERS / "paper.md" if out is None else out
+    generated = out.parent / "generated"
+    files = build_report(results, generated)
+    summary = summarize(read_records(results))
+    figures = {
+        task: [path.relative_to(out.parent) for path in files.figures if path.stem.endswith("_" + task)]
+        for task in summary.tasks()
+    }
+    grid = config.load(config.preset_path(preset))
+    values = {
+        "options": _options_table(),
+        "protocol": _protocol(grid, preset),
+        "tasks": _registry_table(
+            "task", {name: task.description for name, task in TASKS.items()}, grid, "tasks"
+        ),
+        "methods": _registry_table(
+            "method", {name: method.description for name, method in METHODS.items()}, grid, "methods"
+        ),
+        "targets": "\n".join(targets_section(summary)),
+        "overall": "\n".join(overall_section(summary)),
+        "provenance": _provenance(results, preset),
+    }
+    for task in summary.tasks():
+        values[f"task:{task}"] = "\n".join(task_section(summary, task, figures[task]))
+
+    def fill(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in values:
+            if key.startswith("task:"):
+                return f"_(no results for task {key[5:]} in this results folder)_"
+            raise KeyError(f"unknown placeholder {{{{{key}}}}} in {template}")
+        return values[key]
+
+    out.write_text(PLACEHOLDER.sub(fill, template.read_text()))
+    return out
+
+
+def _options_table() -> str:
+    docs = _option_docs()
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for f in fields(ControllerOptions):
+        lines.append(f"| `{f.name}` | `{f.default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
+def _option_docs() -> dict[str, str]:
+    """Each option's documentation, joined from the class docstring's indented entries."""
+    docs: dict[str, str] = {}
+    current: list[str] = []
+    for line in (ControllerOptions.__doc__ or "").splitlines():
+        entry = re.match(r"\s{8}([a-z_]+(?:, [a-z_]+)?): (.*)", line)
+        if entry:
+            current = [entry.group(2)]
+            for name in entry.group(1).split(", "):
+                docs[name] = current  # type: ignore[assignment]
+        elif line.startswith(" " * 12) and current:
+            current.append(line.strip())
+        else:
+            current = []
+    return {name: " ".join(parts).replace("|", "/") for name, parts in docs.items()}  # type: ignore[arg-type]
+
+
+def _protocol(grid: dict, preset: str) -> str:
+    specs = config.expand(grid)
+    lrs = sorted({spec.lr for spec in specs})
+    seeds = sorted({spec.seed for spec in specs})
+    epochs = ", ".join(f"{task}: {n}" for task, n in grid["epochs"].items())
+    return "\n".join(
+        [
+            f"- preset `{preset}` (`experiments/configs/{preset}.toml`): {len(specs)} runs;",
+            f"- initial learning rates: {', '.join(f'{lr:.3g}' for lr in lrs)};",
+            f"- seeds: {', '.join(map(str, seeds))};",
+            f"- epochs per task: {epochs}.",
+        ]
+    )
+
+
+def _registry_table(kind: str, descriptions: dict[str, str], grid: dict, key: str) -> str:
+    used = grid["grid"][key]
+    lines = [f"| {kind} | description |", "|---|---|"]
+    lines += [f"| `{name}` | {descriptions[name].replace('|', '/')} |" for name in used]
+    return "\n".join(lines)
+
+
+def _provenance(results: Path, preset: str) -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return "\n".join(
+        [
+            f"- regenerate: `make paper` (runs `python -m experiments run --preset {preset}`, then "
+            f"`python -m experiments paper --results {results} --preset {preset}`);",
+            f"- records: `{results / RUNS_FILE}`;",
+            f"- code: adaptive_lr {adaptive_lr.__version__}, git {commit}; torch {torch.__version__}; "
+            f"Python {platform.python_version()};",
+            f"- machine: {platform.platform()}, {_cpu_count()} CPU(s).",
+        ]
+    )
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1

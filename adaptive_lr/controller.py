@@ -75,6 +75,8 @@ class Signals:
     """Top Hessian eigenvalue from the probe, when it ran this step [1/lr]."""
     step_size: float | None = None
     """Size of the last step, ||x_{t-1} - x_t||."""
+    successive_grad_cosine: float | None = None
+    """Cosine between successive gradients, <g_t, g_{t-1}> / (||g_t|| ||g_{t-1}||) (telemetry)."""
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ class ControllerOptions:
             on which the secant signals are measured; 1.0 measures every coordinate.
         min_sample_size: tensors with at most this many elements are measured whole, and
             no block is smaller [elements].
+        track_successive_cosine: also keep the last gradient on the sample, to report the
+            cosine between successive gradients (telemetry; a second sampled buffer).
         preconditioned: treat the base method as preconditioned (Adam family) when
             applying the bound; None infers it from the optimizer class.
 
@@ -112,6 +114,7 @@ class ControllerOptions:
     probe_iterations: int = 20
     sample_fraction: float = 0.0625
     min_sample_size: int = 4096
+    track_successive_cosine: bool = False
     preconditioned: bool | None = None
 
     min_momentum: float = 0.0

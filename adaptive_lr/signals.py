@@ -10,10 +10,12 @@ tensor's contribution weighted by numel / sampled so the sums estimate the full 
     step_sharpness = <g_{t-1} - g_t, d> / <g_{t-1}, d>       (lr x curvature along the update)
     grad_cosine    = <g_t, d> / (||g_t|| ||d||)
     step_size      = ||d||
+    successive_grad_cosine = <g_t, g_{t-1}> / (||g_t|| ||g_{t-1}||)   (track_successive_cosine)
 
 With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals cheap:
-the buffer for d and the memory traffic of the secant shrink by the sample fraction
-(d needs a copy before the inner step and a subtraction after it).
+the buffer for d (and, with ``track_successive_cosine``, for the last gradient) and the
+memory traffic of the secant shrink by the sample fraction (d needs a copy before the
+inner step and a subtraction after it).
 
 For plain gradient descent d = lr g_{t-1}, so grad_cosine is the cosine between
 successive gradients and step_sharpness = lr x curvature. For momentum and adaptive
@@ -145,8 +147,9 @@ class StepSample:
 class Trajectory:
     """The last descent step on the sampled coordinates, and the secant's scalars."""
 
-    def __init__(self, layout: SampleLayout) -> None:
+    def __init__(self, layout: SampleLayout, *, track_last_grad: bool = False) -> None:
         self.layout = layout
+        self.track_last_grad = track_last_grad
         self.descent: dict[Tensor, Tensor] = {}
         """Sampled d per parameter (a flat block)."""
         self.blocks: dict[Tensor, tuple[int, int, float]] = {}
@@ -155,6 +158,8 @@ class Trajectory:
         """Estimate of <g_{t-1}, d>, computed with the unclipped gradient."""
         self.descent_sq: Tensor | None = None
         """Estimate of ||d||^2."""
+        self.last_grad: dict[Tensor, Tensor] = {}
+        """Sampled g_{t-1} per parameter (unclipped), for the successive-gradient cosine."""
 
     @property
     def ready(self) -> bool:
@@ -162,6 +167,7 @@ class Trajectory:
 
     def reset(self) -> None:
         self.descent.clear()
+        self.last_grad.clear()
         self.grad_dot_descent = None
         self.descent_sq = None
 
@@ -211,6 +217,30 @@ class Trajectory:
         torch._foreach_sub_(buffers, sample.param_blocks)
         self.grad_dot_descent = (dots(sample.grad_blocks, buffers) @ sample.weights) / clip_coef
         self.descent_sq = squared_norms(buffers) @ sample.weights
+        if self.track_last_grad:
+            self._keep_last_grad(sample, clip_coef)
+
+    def _keep_last_grad(self, sample: StepSample, clip_coef: float) -> None:
+        for p in [p for p in self.last_grad if p not in self.descent]:
+            del self.last_grad[p]
+        for p, block in zip(sample.params, sample.grad_blocks, strict=True):
+            if p not in self.last_grad:
+                self.last_grad[p] = torch.empty_like(block)
+        last = [self.last_grad[p] for p in sample.params]
+        torch._foreach_copy_(last, sample.grad_blocks)
+        if clip_coef != 1.0:
+            torch._foreach_div_(last, clip_coef)  # the unclipped gradient
+
+    def successive_grad_products(self, sample: StepSample) -> tuple[Tensor, Tensor, Tensor]:
+        """Estimates of <g_t, g_{t-1}>, ||g_t||^2 and ||g_{t-1}||^2 on the shared sample."""
+        kept = [i for i, p in enumerate(sample.params) if p in self.last_grad]
+        if not kept:
+            zero = torch.zeros((), dtype=torch.float64)
+            return zero, zero, zero
+        grads = [sample.grad_blocks[i] for i in kept]
+        last = [self.last_grad[sample.params[i]] for i in kept]
+        weights = sample.weights[kept] if len(kept) < len(sample.params) else sample.weights
+        return dots(grads, last) @ weights, squared_norms(grads) @ weights, squared_norms(last) @ weights
 
     def grad_dot(self, sample: StepSample) -> Tensor:
         """Estimate of <g_t, d> over the parameters that have both."""
@@ -240,8 +270,11 @@ def measure(
         group_sq = [norms_sq[a:b].sum() for a, b in view.group_bounds]
         parts = [norms_sq.sum(), *group_sq]
     secant = trajectory.ready
+    successive = trajectory.ready and bool(trajectory.last_grad)
     if secant:
         parts += [trajectory.grad_dot(sample), trajectory.grad_dot_descent, trajectory.descent_sq]
+    if successive:
+        parts += trajectory.successive_grad_products(sample)
     if isinstance(loss, Tensor):
         parts.append(loss.detach().reshape(()))
     values = _stack(parts).tolist()
@@ -250,7 +283,7 @@ def measure(
     groups = [v**0.5 for v in values[1 : 1 + len(group_sq)]]
     rest = values[1 + len(group_sq) :]
     grad_norm = total_sq**0.5
-    curvature = step_sharpness = grad_cosine = step_size = None
+    curvature = step_sharpness = grad_cosine = step_size = successive_cosine = None
     if secant:
         grad_dot, previous_dot, descent_sq = rest[:3]
         rest = rest[3:]
@@ -262,6 +295,11 @@ def measure(
                 grad_cosine = max(-1.0, min(1.0, grad_dot / (grad_norm * step_size)))
         if previous_dot > 0.0:
             step_sharpness = change / previous_dot
+    if successive:
+        both, now_sq, last_sq = rest[:3]
+        rest = rest[3:]
+        if now_sq > 0.0 and last_sq > 0.0:
+            successive_cosine = max(-1.0, min(1.0, both / (now_sq * last_sq) ** 0.5))
     if isinstance(loss, Tensor):
         loss_value: float | None = rest[0]
     else:
@@ -273,5 +311,6 @@ def measure(
         step_sharpness=step_sharpness,
         grad_cosine=grad_cosine,
         step_size=step_size,
+        successive_grad_cosine=successive_cosine,
     )
     return signals, groups

@@ -29,6 +29,7 @@ class StepRecord:
     event: str | None
     loss: float | None = None
     grad_cosine: float | None = None
+    successive_grad_cosine: float | None = None
     sharpness: float | None = None
     clip_coef: float = 1.0
     momentum_controlled: bool = False

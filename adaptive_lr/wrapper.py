@@ -26,6 +26,7 @@ from adaptive_lr.telemetry import HistoryCallback, StepRecord
 
 STATE_KEY = "adaptive_lr"
 DESCENT_KEY = "adaptive_lr.descent"
+LAST_GRAD_KEY = "adaptive_lr.last_grad"
 PROBE_KEY = "adaptive_lr.probe_vector"
 FORMAT_VERSION = 1
 
@@ -95,7 +96,7 @@ class AdaptiveOptimizer(Optimizer):
         self.options = opts
         self.callback = callback
         self._controller_state = ctl.init_state(opts)
-        self._trajectory = Trajectory(_layout(opts))
+        self._trajectory = _trajectory(opts)
         self._history: deque[StepRecord] = deque(maxlen=opts.history_size)
         self._probe_vector: dict[Tensor, Tensor] = {}
         self._init_hooks()
@@ -304,6 +305,7 @@ class AdaptiveOptimizer(Optimizer):
             event=decision.event,
             loss=signals.loss,
             grad_cosine=signals.grad_cosine,
+            successive_grad_cosine=signals.successive_grad_cosine,
             sharpness=signals.sharpness,
             clip_coef=decision.clip_coef,
             momentum_controlled=self.controls_momentum,
@@ -328,6 +330,8 @@ class AdaptiveOptimizer(Optimizer):
         state = {k: dict(v) for k, v in inner["state"].items()}
         for p, buffer in self._trajectory.descent.items():
             state.setdefault(index[p], {})[DESCENT_KEY] = buffer
+        for p, buffer in self._trajectory.last_grad.items():
+            state.setdefault(index[p], {})[LAST_GRAD_KEY] = buffer
         for p, vector in self._probe_vector.items():
             state.setdefault(index[p], {})[PROBE_KEY] = vector
         groups = [dict(g) for g in inner["param_groups"]]
@@ -372,7 +376,7 @@ class AdaptiveOptimizer(Optimizer):
                 **{k: v for k, v in saved["controller"].items() if k in known}
             )
             scalars = (saved["grad_dot_descent"], saved["descent_sq"])
-        extra_keys = (DESCENT_KEY, PROBE_KEY)
+        extra_keys = (DESCENT_KEY, LAST_GRAD_KEY, PROBE_KEY)
         inner_state = {}
         ours: dict[int, dict[str, Tensor]] = {}
         for k, v in state_dict["state"].items():
@@ -385,13 +389,15 @@ class AdaptiveOptimizer(Optimizer):
         self.optimizer.load_state_dict({"state": inner_state, "param_groups": groups})
 
         params = [p for g in self.param_groups for p in g["params"]]
-        trajectory = Trajectory(_layout(options))
+        trajectory = _trajectory(options)
         probe: dict[Tensor, Tensor] = {}
         for k, entries in ours.items():
             p = params[int(k)]
             if DESCENT_KEY in entries:
                 trajectory.place(p, int(k))
                 trajectory.descent[p] = entries[DESCENT_KEY].to(device=p.device, dtype=p.dtype).clone()
+            if LAST_GRAD_KEY in entries:
+                trajectory.last_grad[p] = entries[LAST_GRAD_KEY].to(device=p.device, dtype=p.dtype).clone()
             if PROBE_KEY in entries:
                 probe[p] = entries[PROBE_KEY].to(device=p.device, dtype=p.dtype).clone()
         if trajectory.descent and scalars[0] is not None:
@@ -446,8 +452,9 @@ class _applied:
             group[key] = value
 
 
-def _layout(options: ControllerOptions) -> SampleLayout:
-    return SampleLayout(fraction=options.sample_fraction, min_size=options.min_sample_size)
+def _trajectory(options: ControllerOptions) -> Trajectory:
+    layout = SampleLayout(fraction=options.sample_fraction, min_size=options.min_sample_size)
+    return Trajectory(layout, track_last_grad=options.track_successive_cosine)
 
 
 def _momentum_of(group: dict[str, Any]) -> float | None:

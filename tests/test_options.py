@@ -175,9 +175,9 @@ def test_replace_rejects_an_unknown_name() -> None:
         ControllerOptions().replace(spike_treshold=4.0)
 
 
-def test_component_flags_are_every_bool_option_but_preconditioned() -> None:
+def test_component_flags_are_every_bool_option_but_the_telemetry_switch() -> None:
     bool_options = {f.name for f in fields(ControllerOptions) if str(f.type) == "bool"}
-    assert bool_options == set(COMPONENTS)
+    assert bool_options == {*COMPONENTS, "track_successive_cosine"}
 
 
 @pytest.mark.parametrize("flag", COMPONENTS)

@@ -194,3 +194,28 @@ def test_descent_buffers_hold_only_the_sample():
     assert held[model[0].weight] == math.ceil(512 * 512 / 16)
     assert held[model[0].bias] == 512  # small tensors whole
     assert sum(held.values()) < 0.1 * sum(p.numel() for p in model.parameters())
+
+
+def test_successive_gradient_cosine_is_reported_when_tracked_and_matches_the_gradients():
+    a, x = quadratic(torch.logspace(-1, 1, 10, dtype=torch.float64))
+    opt = adaptive_lr.wrap(
+        torch.optim.SGD([x], lr=0.05, momentum=0.9),
+        ControllerOptions.all_off(track_successive_cosine=True),
+    )
+    grads = []
+    for _ in range(4):
+        opt.zero_grad()
+        (0.5 * x @ a @ x).backward()
+        grads.append(x.grad.detach().clone())
+        opt.step()
+    for t in range(2, 4):
+        g0, g1 = grads[t - 1], grads[t]
+        expected = (g0 @ g1 / (g0.norm() * g1.norm())).item()
+        assert opt.history[t].successive_grad_cosine == pytest.approx(expected, rel=1e-10)
+
+
+def test_successive_gradient_cosine_costs_no_buffer_by_default():
+    a, x = quadratic(torch.logspace(-1, 1, 10, dtype=torch.float64))
+    opt = run_gd(a, x, 0.05, 3)
+    assert not opt._trajectory.last_grad
+    assert all(r.successive_grad_cosine is None for r in opt.history)

@@ -651,3 +651,36 @@ def test_grad_scaler_overflow_steps_never_reach_the_controller_and_norms_are_uns
             assert opt.history[-1].grad_norm == pytest.approx(unscaled, rel=1e-5)
     assert steps == [1, 2, 2, 3]
     assert all(r.event != "skip" for r in opt.history)
+
+
+def test_resume_with_the_successive_cosine_tracked_continues_bit_for_bit(tmp_path):
+    def fresh(seed=0):
+        model = make_model(seed)
+        return model, adaptive_lr.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), track_successive_cosine=True
+        )
+
+    data = list(batches(12))
+    straight, opt_a = fresh()
+    for x, y in data:
+        opt_a.zero_grad()
+        nn.functional.cross_entropy(straight(x), y).backward()
+        opt_a.step()
+    resumed, opt_b = fresh()
+    for x, y in data[:5]:
+        opt_b.zero_grad()
+        nn.functional.cross_entropy(resumed(x), y).backward()
+        opt_b.step()
+    torch.save({"model": resumed.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, opt_b = fresh(seed=9)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    for x, y in data[5:]:
+        opt_b.zero_grad()
+        nn.functional.cross_entropy(resumed(x), y).backward()
+        opt_b.step()
+    assert params_equal(straight, resumed)
+    assert [r.successive_grad_cosine for r in list(opt_a.history)[5:]] == [
+        r.successive_grad_cosine for r in opt_b.history
+    ]

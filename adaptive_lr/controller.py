@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 
 from adaptive_lr.options import ControllerOptions
 
-EVENTS = ("skip", "spike", "clip", "curvature_cap", "update_cap")
+EVENTS = ("skip", "spike", "clip", "curvature_cap", "update_cap", "anneal")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,8 @@ class Signals:
     """Size of the last step, ||x_{t-1} - x_t||."""
     successive_grad_cosine: float | None = None
     """Cosine between successive gradients, <g_t, g_{t-1}> / (||g_t|| ||g_{t-1}||) (telemetry)."""
+    param_grad_dot: float | None = None
+    """<x_t, g_t>, the left side of the fluctuation-dissipation test (annealing only)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,15 @@ class ControllerState:
     """Reference lr actually used at the last applied step (lr x multiplier)."""
     reference_norm: float | None = None
     """Parameter norm ||x_0|| at the first step, the update guard's yardstick."""
+    last_momentum: float | None = None
+    """Momentum used at the last applied step."""
+    pending_param_grad: float | None = None
+    """<x_t, g_t> of the last applied step, paired with its step size at the next step."""
+    stationarity_lhs: float | None = None
+    """EMA of <x_t, g_t>."""
+    stationarity_rhs: float | None = None
+    """EMA of (1 + mu) / (2 lr) ||d_t||^2."""
+    steps_since_anneal: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,10 @@ def decide(
     state = _track_curvature(signals, state, options, context)
     state = _track_cosine(signals, state, options)
     momentum = _momentum(state, options, context)
+    state, stationary = _track_stationarity(signals, state, options, context)
+    if stationary:
+        multiplier *= options.anneal_factor
+        event = event or "anneal"
 
     cap = _multiplier_cap(state, options, context, momentum)
     update_cap = _update_cap(signals, state, options, context)
@@ -176,7 +191,10 @@ def decide(
         cap_event = "curvature_cap"
     since_event = 0 if event == "spike" else state.steps_since_event + 1
     if options.recovery and since_event > options.cooldown_steps:
-        multiplier *= math.exp(options.growth_rate * state.grad_cosine)
+        # With annealing on, lowering the lr is the stationarity test's job: the one-step
+        # hypergradient would lower it as soon as gradient noise dominates (short-horizon bias).
+        cosine = max(state.grad_cosine, 0.0) if options.anneal else state.grad_cosine
+        multiplier *= math.exp(options.growth_rate * cosine)
     if cap is not None and multiplier > cap:
         multiplier = cap
         event = event or cap_event
@@ -189,6 +207,8 @@ def decide(
         lr_multiplier=multiplier,
         steps_since_event=since_event,
         last_lr=context.lr * multiplier,
+        last_momentum=momentum,
+        pending_param_grad=None if signals.param_grad_dot is None else signals.param_grad_dot * clip_coef,
     )
     decision = Decision(
         skip=False,
@@ -263,6 +283,45 @@ def _track_cosine(signals: Signals, state: ControllerState, options: ControllerO
         return state
     decay = options.cosine_decay
     return replace(state, grad_cosine=decay * state.grad_cosine + (1 - decay) * cosine)
+
+
+def _track_stationarity(
+    signals: Signals, state: ControllerState, options: ControllerOptions, context: Context
+) -> tuple[ControllerState, bool]:
+    """The fluctuation-dissipation test of heavy ball (Yaida 2018), for annealing.
+
+    For x+ = x - lr b+, b+ = mu b + g at stationarity, E<x_t, g_t> = (1 + mu)/(2 lr) E||d_t||^2
+    with d_t = x_t - x_{t+1}. Both sides are tracked as EMAs over `anneal_window` steps;
+    when they agree within `anneal_tolerance` the run has stopped making progress at this
+    lr, and the multiplier is cut by `anneal_factor`.
+    """
+    usable = (
+        options.anneal
+        and not context.preconditioned
+        and state.pending_param_grad is not None
+        and signals.step_size is not None
+        and state.last_lr
+    )
+    if not usable:
+        return replace(state, steps_since_anneal=state.steps_since_anneal + 1), False
+    mu = state.last_momentum or 0.0
+    rhs = (1.0 + mu) / (2.0 * state.last_lr) * signals.step_size**2
+    decay = 1.0 - 1.0 / options.anneal_window
+    lhs_ema = (
+        state.pending_param_grad
+        if state.stationarity_lhs is None
+        else (decay * state.stationarity_lhs + (1 - decay) * state.pending_param_grad)
+    )
+    rhs_ema = rhs if state.stationarity_rhs is None else decay * state.stationarity_rhs + (1 - decay) * rhs
+    since = state.steps_since_anneal + 1
+    stationary = (
+        since >= options.anneal_window
+        and rhs_ema > 0.0
+        and abs(lhs_ema - rhs_ema) <= options.anneal_tolerance * rhs_ema
+    )
+    if stationary:
+        return replace(state, stationarity_lhs=None, stationarity_rhs=None, steps_since_anneal=0), True
+    return replace(state, stationarity_lhs=lhs_ema, stationarity_rhs=rhs_ema, steps_since_anneal=since), False
 
 
 def _governing_curvature(state: ControllerState) -> float | None:

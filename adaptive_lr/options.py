@@ -20,7 +20,8 @@ COMPONENTS = (
     "momentum_control",
     "update_guard",
 )
-"""The switches of the feedback components, each of which can be turned off on its own."""
+"""The switches of the feedback components that are on by default, each of which can be
+turned off on its own (the experimental ``anneal`` component is off by default)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ControllerOptions:
             method computed from the measured curvature.
         recovery: let the multiplier grow back while training is stable.
         momentum_control: choose the momentum from the curvature range and oscillation.
+        anneal: (experimental, off by default) cut the multiplier when the run is
+            statistically stationary, by the fluctuation-dissipation test of heavy ball.
         update_guard: keep each step's size ||x_t - x_{t+1}|| below max_update_ratio times
             the parameter norm at the first step (a trust region that needs no curvature,
             so it also protects the very first step).
@@ -78,6 +81,13 @@ class ControllerOptions:
         preconditioned: treat the base method as preconditioned (Adam family) when
             applying the bound; None infers it from the optimizer class.
 
+    Annealing (heavy-ball methods; the relation below does not hold for the Adam family):
+        anneal_factor: multiplier *= anneal_factor when stationarity is detected.
+        anneal_window: steps of statistics (EMA horizon) and the least number of steps
+            between two annealing cuts.
+        anneal_tolerance: stationary when |E<x, g> - (1 + mu)/(2 lr) E||d||^2| is at most
+            this fraction of the right-hand side.
+
     Momentum (heavy-ball coefficient, or beta1 of the Adam family):
         min_momentum, max_momentum: bounds of the momentum the controller sets.
         cosine_decay: EMA decay of grad_cosine, the signal of recovery and oscillation.
@@ -92,6 +102,7 @@ class ControllerOptions:
     recovery: bool = True
     momentum_control: bool = True
     update_guard: bool = True
+    anneal: bool = False
 
     initial_lr_multiplier: float = 1.0
     min_lr_multiplier: float = 1e-6
@@ -116,6 +127,10 @@ class ControllerOptions:
     min_sample_size: int = 4096
     track_successive_cosine: bool = False
     preconditioned: bool | None = None
+
+    anneal_factor: float = 0.5
+    anneal_window: int = 200
+    anneal_tolerance: float = 0.1
 
     min_momentum: float = 0.0
     max_momentum: float = 0.99
@@ -158,6 +173,9 @@ class ControllerOptions:
         _in_range("probe_iterations", self.probe_iterations, low=1)
         _in_range("sample_fraction", self.sample_fraction, low=0.0, high=1.0, low_open=True)
         _in_range("min_sample_size", self.min_sample_size, low=1)
+        _in_range("anneal_factor", self.anneal_factor, low=0.0, high=1.0, low_open=True)
+        _in_range("anneal_window", self.anneal_window, low=1)
+        _in_range("anneal_tolerance", self.anneal_tolerance, low=0.0, low_open=True)
         _in_range("min_momentum", self.min_momentum, low=0.0, high=1.0, high_open=True)
         _in_range("max_momentum", self.max_momentum, low=self.min_momentum, high=1.0, high_open=True)
         _in_range("cosine_decay", self.cosine_decay, low=0.0, high=1.0, high_open=True)
@@ -189,7 +207,7 @@ class ControllerOptions:
     @classmethod
     def all_off(cls, **changes: Any) -> ControllerOptions:
         """Every feedback component switched off: the wrapper then reproduces the base optimizer."""
-        base: dict[str, Any] = dict.fromkeys(COMPONENTS, False)
+        base: dict[str, Any] = dict.fromkeys((*COMPONENTS, "anneal"), False)
         base.update(changes)
         return cls.from_kwargs(**base)
 

@@ -242,6 +242,10 @@ class Trajectory:
         weights = sample.weights[kept] if len(kept) < len(sample.params) else sample.weights
         return dots(grads, last) @ weights, squared_norms(grads) @ weights, squared_norms(last) @ weights
 
+    def param_grad_dot(self, sample: StepSample) -> Tensor:
+        """Estimate of <x_t, g_t> (before the step), for the fluctuation-dissipation test."""
+        return dots(sample.param_blocks, sample.grad_blocks) @ sample.weights
+
     def grad_dot(self, sample: StepSample) -> Tensor:
         """Estimate of <g_t, d> over the parameters that have both."""
         if all(p in self.descent for p in sample.params):
@@ -256,7 +260,12 @@ class Trajectory:
 
 
 def measure(
-    view: GradientView, trajectory: Trajectory, sample: StepSample, loss: Tensor | float | None
+    view: GradientView,
+    trajectory: Trajectory,
+    sample: StepSample,
+    loss: Tensor | float | None,
+    *,
+    param_grad: bool = False,
 ) -> tuple[Signals, list[float]]:
     """Compute this step's signals with one host sync.
 
@@ -275,6 +284,9 @@ def measure(
         parts += [trajectory.grad_dot(sample), trajectory.grad_dot_descent, trajectory.descent_sq]
     if successive:
         parts += trajectory.successive_grad_products(sample)
+    param_grad = param_grad and bool(sample.params)
+    if param_grad:
+        parts.append(trajectory.param_grad_dot(sample))
     if isinstance(loss, Tensor):
         parts.append(loss.detach().reshape(()))
     values = _stack(parts).tolist()
@@ -300,6 +312,9 @@ def measure(
         rest = rest[3:]
         if now_sq > 0.0 and last_sq > 0.0:
             successive_cosine = max(-1.0, min(1.0, both / (now_sq * last_sq) ** 0.5))
+    param_grad_value = None
+    if param_grad:
+        param_grad_value, rest = rest[0], rest[1:]
     if isinstance(loss, Tensor):
         loss_value: float | None = rest[0]
     else:
@@ -312,5 +327,6 @@ def measure(
         grad_cosine=grad_cosine,
         step_size=step_size,
         successive_grad_cosine=successive_cosine,
+        param_grad_dot=param_grad_value,
     )
     return signals, groups

@@ -204,7 +204,9 @@ class AdaptiveOptimizer(Optimizer):
         view = GradientView.collect(self.param_groups)
         sharpness = self._probe(closure, view) if probe_due else None
         sample = self._trajectory.prepare(view)
-        signals, group_norms = measure(view, self._trajectory, sample, loss_for_signals)
+        signals, group_norms = measure(
+            view, self._trajectory, sample, loss_for_signals, param_grad=self.options.anneal
+        )
         if sharpness is not None:
             signals = ctl.Signals(**{**asdict(signals), "sharpness": sharpness})
 

@@ -311,6 +311,12 @@ METHODS: dict[str, Method] = {
             "adaptive_sgd", "adaptive_lr over SGD momentum 0.9, defaults", _adaptive("sgd"), adaptive=True
         ),
         Method("adaptive_adam", "adaptive_lr over Adam, defaults", _adaptive("adam"), adaptive=True),
+        Method(
+            "adaptive_sgd_anneal",
+            "adaptive_lr over SGD momentum 0.9 with the experimental stationarity annealing (anneal=True)",
+            _adaptive("sgd", anneal=True),
+            adaptive=True,
+        ),
         *(
             Method(
                 f"adaptive_sgd_no_{component}",

@@ -52,6 +52,7 @@ EVENT_MARKERS = {
     "clip": ("^", "tab:purple"),
     "curvature_cap": ("s", "tab:brown"),
     "update_cap": ("o", "tab:gray"),
+    "anneal": ("D", "tab:green"),
 }
 """Controller event -> (marker, colour) in the trace figures; other events get a dot."""
 DIVERGED_ROW_FACTOR = 1.25

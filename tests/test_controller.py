@@ -943,3 +943,47 @@ def test_scaling_the_loss_scales_the_sgd_curvature_and_divides_its_cap(scale: fl
         assert math.isclose(scaled_decision.curvature, scale * decision.curvature, rel_tol=REL_TOL)
         assert math.isclose(scaled_decision.lr_multiplier, decision.lr_multiplier / scale, rel_tol=REL_TOL)
         assert math.isclose(scaled_decision.momentum, decision.momentum, rel_tol=REL_TOL)
+
+
+# -- annealing (experimental, off by default) ----------------------------------------------
+
+
+def stationary_signals(ratio: float, step_size: float = 0.1) -> dict[str, float]:
+    """Signals whose <x, g> is `ratio` times the fluctuation-dissipation right-hand side
+    (1 + mu)/(2 lr) ||d||^2 for SGD's context (lr 0.1, momentum 0.9, multiplier 1)."""
+    rhs = (1.0 + SGD.momentum) / (2.0 * SGD.lr) * step_size**2
+    return {"param_grad_dot": ratio * rhs, "step_size": step_size}
+
+
+def test_anneal_cuts_the_multiplier_once_the_fluctuation_dissipation_relation_holds() -> None:
+    options = only("anneal", anneal_window=10, momentum_control=False)
+    decisions, state = feed([1.0] * 12, options, **stationary_signals(1.0))
+    events = [d.event for d in decisions]
+    assert events.count("anneal") == 1
+    first = events.index("anneal")
+    assert first >= options.anneal_window - 1
+    assert decisions[first].lr_multiplier == options.initial_lr_multiplier * options.anneal_factor
+    assert state.steps_since_anneal < options.anneal_window
+
+
+def test_anneal_never_cuts_while_the_run_is_still_descending() -> None:
+    options = only("anneal", anneal_window=10, momentum_control=False)
+    decisions, _ = feed([1.0] * 60, options, **stationary_signals(3.0))
+    assert all(d.event != "anneal" for d in decisions)
+    assert decisions[-1].lr_multiplier == options.initial_lr_multiplier
+
+
+def test_anneal_does_not_apply_to_preconditioned_optimizers() -> None:
+    options = only("anneal", anneal_window=10, momentum_control=False)
+    decisions, _ = feed([1.0] * 30, options, ADAM, **stationary_signals(1.0))
+    assert all(d.event != "anneal" for d in decisions)
+
+
+@pytest.mark.parametrize("anneal", [False, True])
+def test_with_anneal_on_recovery_only_raises_the_multiplier(anneal: bool) -> None:
+    options = only("recovery", anneal=anneal, cooldown_steps=0)
+    decisions, _ = feed([1.0] * 20, options, grad_cosine=-0.5)
+    if anneal:
+        assert decisions[-1].lr_multiplier == options.initial_lr_multiplier
+    else:
+        assert decisions[-1].lr_multiplier < options.initial_lr_multiplier

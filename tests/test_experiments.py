@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from adaptive_lr.controller import EVENTS
 from experiments import cli, config
 from experiments.config import RunSpec
 from experiments.methods import METHODS, Method
@@ -120,7 +121,7 @@ def test_record_fields_are_present_and_typed(tiny_results: Path) -> None:
             assert isinstance(record["final_training_loss"], float)
             assert 0.0 <= record["heldout_value"] <= 1.0
         if spec["method"].startswith("adaptive"):
-            assert set(record["events"]) == {"skip", "spike", "clip", "curvature_cap", "update_cap"}
+            assert set(record["events"]) == set(EVENTS)
             assert all(isinstance(count, int) for count in record["events"].values())
         else:
             assert record["events"] is None

@@ -66,6 +66,10 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("sample_fraction", 1.5),
     ("sample_fraction", NAN),
     ("min_sample_size", 0),
+    ("anneal_factor", 0.0),
+    ("anneal_factor", 1.5),
+    ("anneal_window", 0),
+    ("anneal_tolerance", 0.0),
     ("max_grad_norm", 0.0),
     ("max_grad_norm", -1.0),
     ("max_grad_norm", NAN),
@@ -175,9 +179,9 @@ def test_replace_rejects_an_unknown_name() -> None:
         ControllerOptions().replace(spike_treshold=4.0)
 
 
-def test_component_flags_are_every_bool_option_but_the_telemetry_switch() -> None:
+def test_component_flags_are_every_bool_option_but_telemetry_and_experimental_ones() -> None:
     bool_options = {f.name for f in fields(ControllerOptions) if str(f.type) == "bool"}
-    assert bool_options == {*COMPONENTS, "track_successive_cosine"}
+    assert bool_options == {*COMPONENTS, "track_successive_cosine", "anneal"}
 
 
 @pytest.mark.parametrize("flag", COMPONENTS)

@@ -41,11 +41,6 @@ from adaptive_lr.controller import Signals
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over tensors.
 
 
-def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Sum of per-tensor dot products as a 0-d float64 tensor (zero for empty lists)."""
-    return dots([_flat(x) for x in xs], [_flat(y) for y in ys]).sum()
-
-
 def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """Per-tensor dot products of flat (1-d, real) tensors as a float64 vector.
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import adaptive_lr
 from adaptive_lr import ControllerOptions
-from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, dot, measure
+from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, dots, measure
 
 
 def quadratic(eigenvalues: torch.Tensor, seed: int = 0):
@@ -33,11 +33,11 @@ def run_gd(a, x, lr, steps, **options):
     return opt
 
 
-def test_dot_sums_per_tensor_dot_products():
-    xs = [torch.randn(3, 4), torch.randn(5)]
-    ys = [torch.randn(3, 4), torch.randn(5)]
-    expected = sum((x * y).sum() for x, y in zip(xs, ys, strict=True)).item()
-    assert dot(xs, ys).item() == pytest.approx(expected, rel=1e-6)
+def test_dots_are_the_per_tensor_dot_products():
+    xs = [torch.randn(12), torch.randn(5)]
+    ys = [torch.randn(12), torch.randn(5)]
+    expected = [(x * y).sum().item() for x, y in zip(xs, ys, strict=True)]
+    assert dots(xs, ys).tolist() == pytest.approx(expected, rel=1e-6)
 
 
 def test_grad_norm_and_group_norms_match_torch_clip_grad_norm():

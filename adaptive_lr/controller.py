@@ -30,11 +30,16 @@ Per step, in this order:
    ||d|| <= max_update_ratio * ||x_0||. The very first step, which nothing can predict,
    is checked after the fact by `first_step_scale` and shortened if too long.
 4. Recovery. After ``cooldown_steps`` without a spike or skip,
-   ``multiplier *= exp(growth_rate * c)`` with c the EMA of grad_cosine, never above the
-   caps nor ``max_lr_multiplier``. This is a bounded, multiplicative hypergradient rule
-   (Baydin et al. 2018): while successive steps keep pointing the same way (c > 0) the
-   learning rate is too small and grows; once gradient noise dominates, c ~ 0 and it
-   stops; on oscillation (c < 0) it shrinks.
+   ``multiplier *= exp(growth_rate * c')`` with c the EMA of grad_cosine and
+   ``c' = c`` for c >= 0, ``c' = min(c + recovery_deadband, 0)`` for c < 0, never above
+   the caps nor ``max_lr_multiplier``. This is a bounded, multiplicative hypergradient
+   rule (Baydin et al. 2018): while successive steps keep pointing the same way (c > 0)
+   the learning rate is too small and grows; once gradient noise dominates, c ~ 0 and it
+   stops; on oscillation beyond the deadband (c < -recovery_deadband) it shrinks. The
+   band absorbs the small negative c that noise alone produces (short-horizon bias).
+   While c > 0 below the curvature cap, the log step is at least
+   ``cap_approach * c * log(cap / multiplier)``: a share of the log gap to the stability
+   bound is closed per step.
 5. Momentum. For heavy-ball methods the target is the larger of the user's momentum and
    YellowFin's ``((sqrt(kappa) - 1) / (sqrt(kappa) + 1))**2`` from the range
    kappa = h_high / h_low of the curvature samples; for EMA-momentum methods it is the
@@ -183,7 +188,7 @@ def decide(
         multiplier *= options.anneal_factor
         event = event or "anneal"
 
-    cap = _multiplier_cap(state, options, context, momentum)
+    curvature_cap = cap = _multiplier_cap(state, options, context, momentum)
     update_cap = _update_cap(signals, state, options, context)
     if update_cap is not None and (cap is None or update_cap < cap):
         cap, cap_event = update_cap, "update_cap"
@@ -194,7 +199,13 @@ def decide(
         # With annealing on, lowering the lr is the stationarity test's job: the one-step
         # hypergradient would lower it as soon as gradient noise dominates (short-horizon bias).
         cosine = max(state.grad_cosine, 0.0) if options.anneal else state.grad_cosine
-        multiplier *= math.exp(options.growth_rate * cosine)
+        if cosine < 0.0:
+            cosine = min(cosine + options.recovery_deadband, 0.0)
+        log_step = options.growth_rate * cosine
+        if cosine > 0.0 and curvature_cap is not None and curvature_cap > multiplier:
+            # Far below the stability bound, close a share of the (log) gap per step.
+            log_step = max(log_step, options.cap_approach * cosine * math.log(curvature_cap / multiplier))
+        multiplier *= math.exp(log_step)
     if cap is not None and multiplier > cap:
         multiplier = cap
         event = event or cap_event

@@ -49,6 +49,16 @@ class ControllerOptions:
         max_lr_multiplier: user cap of the multiplier (recovery never grows above it).
         growth_rate: largest change of log(multiplier) per step by the recovery rule,
             multiplier *= exp(growth_rate * mean grad_cosine).
+        recovery_deadband: a negative mean grad_cosine c shrinks the multiplier only by
+            its excess beyond this band, exp(growth_rate * min(c + band, 0)). Gradient
+            noise alone makes c slightly negative at any lr (about -lr h / 2 per mode on a
+            quadratic), and the one-step hypergradient would then decay the lr to zero
+            (short-horizon bias) and fight the user's schedule; the band keeps lowering
+            the lr for real oscillation only.
+        cap_approach: while c > 0 and the multiplier is below the curvature governor's
+            cap, grow by at least exp(cap_approach * c * log(cap / multiplier)): close
+            this share of the log gap to the cap per step, so a learning rate decades too
+            small is corrected in tens of steps rather than hundreds. 0 disables it.
         cooldown_steps: steps after a spike or skip during which the multiplier does not grow.
 
     Explosion guard, on z = log(grad_norm):
@@ -106,8 +116,10 @@ class ControllerOptions:
 
     initial_lr_multiplier: float = 1.0
     min_lr_multiplier: float = 1e-6
-    max_lr_multiplier: float = 1000.0
+    max_lr_multiplier: float = 10000.0
     growth_rate: float = 0.05
+    recovery_deadband: float = 0.1
+    cap_approach: float = 0.1
     cooldown_steps: int = 10
 
     norm_decay: float = 0.95
@@ -151,6 +163,8 @@ class ControllerOptions:
                 f"[{self.min_lr_multiplier}, {self.max_lr_multiplier}]"
             )
         _in_range("growth_rate", self.growth_rate, low=0.0, high=1.0)
+        _in_range("recovery_deadband", self.recovery_deadband, low=0.0, high=1.0, high_open=True)
+        _in_range("cap_approach", self.cap_approach, low=0.0, high=1.0)
         _in_range("cooldown_steps", self.cooldown_steps, low=0)
         _in_range("norm_decay", self.norm_decay, low=0.0, high=1.0, high_open=True)
         _in_range("spike_threshold", self.spike_threshold, low=0.0, low_open=True)

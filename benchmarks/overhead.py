@@ -54,9 +54,16 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "overhead.
 OPTIMIZERS: dict[str, Callable[[Any], Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
     "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01),
 }
-OPTIMIZER_NAMES = {"sgd": "SGD(momentum=0.9)", "adam": "Adam"}
-METHODS = ("bare", "wrapped")
+OPTIMIZER_NAMES = {"sgd": "SGD(momentum=0.9)", "adam": "Adam", "adamw": "AdamW"}
+METHODS = ("bare", "wrapped", "probe")
+"""bare: the torch optimizer; wrapped: adaptive_lr.wrap with default options; probe: the
+same with the Hessian probe run at every step (``curvature_probe_every=1``), which times a
+probing step. The probe mode at cadence K (--probe-every) costs, amortised,
+(t_probe + (K - 1) t_wrapped) / K per step."""
+LARGE = 10**6
+"""From this size on, the per-size defaults: batch 256 and fewer steps per repeat."""
 
 
 def parse_size(text: str) -> int:
@@ -72,27 +79,50 @@ def parse_size(text: str) -> int:
     return value
 
 
-def mlp(size: int) -> nn.Sequential:
-    """DEPTH Linear(width, width) layers with ReLU between; DEPTH * (width^2 + width) ~ size."""
-    width = max(1, round((size / DEPTH) ** 0.5))
+def mlp(size: int, depth: int = DEPTH) -> nn.Sequential:
+    """depth Linear(width, width) layers with ReLU between; depth * (width^2 + width) ~ size."""
+    width = max(1, round((size / depth) ** 0.5))
     layers: list[nn.Module] = []
-    for i in range(DEPTH):
+    for i in range(depth):
         layers.append(nn.Linear(width, width))
-        if i < DEPTH - 1:
+        if i < depth - 1:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
 
 
-def build(size: int, optimizer: str, method: str, batch_size: int, device: torch.device, seed: int):
+def make_optimizer(model: nn.Module, optimizer: str, method: str) -> Optimizer:
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    if method == "wrapped":
+        return adaptive_lr.wrap(opt)
+    if method == "probe":
+        return adaptive_lr.wrap(opt, curvature_probe_every=1)
+    return opt
+
+
+def build(
+    size: int,
+    depth: int,
+    optimizer: str,
+    method: str,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+):
     torch.manual_seed(seed)
-    model = mlp(size).to(device)
+    model = mlp(size, depth).to(device)
     width = model[0].in_features
     inputs = torch.randn(batch_size, width, device=device)
     labels = torch.randint(0, width, (batch_size,), device=device)
-    opt = OPTIMIZERS[optimizer](model.parameters())
-    if method == "wrapped":
-        opt = adaptive_lr.wrap(opt)
-    return model, opt, inputs, labels
+    return model, make_optimizer(model, optimizer, method), inputs, labels
+
+
+def batch_size_for(size: int, args: argparse.Namespace) -> int:
+    return args.batch_size or (256 if size >= LARGE else 64)
+
+
+def steps_for(size: int, args: argparse.Namespace) -> int:
+    """--steps up to 1M parameters, then proportionally fewer (at least 5)."""
+    return args.steps if size <= LARGE else max(5, round(args.steps * LARGE / size))
 
 
 def synchronize(device: torch.device) -> None:
@@ -103,20 +133,36 @@ def synchronize(device: torch.device) -> None:
 def run_steps(
     model: nn.Module, opt: Optimizer, inputs: Tensor, labels: Tensor, steps: int, device: torch.device
 ) -> tuple[float, float]:
-    """Seconds per training step and per optimizer step, averaged over ``steps`` steps."""
-    optimizer_seconds = 0.0
+    """Seconds per training step and per optimizer step, averaged over ``steps`` steps.
+
+    Every method is stepped as ``opt.step(closure)`` (the probe needs the closure). The
+    training step is the whole call; the optimizer step alone is that minus the first
+    closure call of the step (zero_grad, forward, backward), so the probe's own extra
+    forward/backward passes count as optimizer work.
+    """
+    closure_seconds = 0.0
+    first_call = True
+
+    def closure() -> Tensor:
+        nonlocal closure_seconds, first_call
+        started = time.perf_counter()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(inputs), labels)
+        loss.backward()
+        synchronize(device)
+        if first_call:
+            closure_seconds += time.perf_counter() - started
+            first_call = False
+        return loss
+
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(inputs), labels).backward()
+        first_call = True
+        opt.step(closure)
         synchronize(device)
-        before = time.perf_counter()
-        opt.step()
-        synchronize(device)
-        optimizer_seconds += time.perf_counter() - before
     total = time.perf_counter() - start
-    return total / steps, optimizer_seconds / steps
+    return total / steps, (total - closure_seconds) / steps
 
 
 def tensor_bytes(tensors: Sequence[Tensor]) -> int:
@@ -146,8 +192,11 @@ class Summary:
         return cls(statistics.median(values), min(values), max(values), q1, q3)
 
 
-def measure_config(size: int, optimizer: str, args: argparse.Namespace, device: torch.device) -> dict:
-    setups = {m: build(size, optimizer, m, args.batch_size, device, args.seed) for m in METHODS}
+def measure_config(
+    size: int, depth: int, optimizer: str, args: argparse.Namespace, device: torch.device
+) -> dict:
+    batch_size, steps = batch_size_for(size, args), steps_for(size, args)
+    setups = {m: build(size, depth, optimizer, m, batch_size, device, args.seed) for m in METHODS}
     for method in METHODS:
         run_steps(*setups[method], args.warmup, device)
     times: dict[str, dict[str, list[float]]] = {
@@ -155,37 +204,53 @@ def measure_config(size: int, optimizer: str, args: argparse.Namespace, device: 
     }
     events: Counter[str] = Counter()
     for repeat in range(args.repeats):
-        # ABBA order: bare first on even repeats, wrapped first on odd ones.
+        # ABBA order: the methods forward on even repeats and backward on odd ones.
         for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
-            training, optimizer_only = run_steps(*setups[method], args.steps, device)
+            training, optimizer_only = run_steps(*setups[method], steps, device)
             times[method]["training_step"].append(training)
             times[method]["optimizer_step"].append(optimizer_only)
             if method == "wrapped":  # Outside the timed loop; the history keeps the last 1000 steps.
-                events.update(r.event for r in list(setups[method][1].history)[-args.steps :] if r.event)
-    model, wrapped = setups["wrapped"][0], setups["wrapped"][1]
+                events.update(r.event for r in list(setups[method][1].history)[-steps:] if r.event)
+    model = setups["wrapped"][0]
     param_bytes = tensor_bytes(list(model.parameters()))
     result: dict[str, Any] = {
         "size": size,
+        "depth": depth,
+        "tensors": len(list(model.parameters())),
         "parameters": sum(p.numel() for p in model.parameters()),
         "width": model[0].in_features,
+        "batch_size": batch_size,
+        "steps_per_repeat": steps,
         "optimizer": optimizer,
         "parameter_bytes": param_bytes,
-        "wrapper_bytes": wrapper_bytes(wrapped),
+        "wrapper_bytes": wrapper_bytes(setups["wrapped"][1]),
+        "probe_wrapper_bytes": wrapper_bytes(setups["probe"][1]),
         "base_state_bytes": state_bytes(setups["bare"][1]),
         "wrapper_events_while_timed": dict(events),
         "seconds": times,
     }
     for measure in ("training_step", "optimizer_step"):
-        bare, wrap = times["bare"][measure], times["wrapped"][measure]
-        result[measure] = {
-            "bare": asdict(Summary.of(bare)),
-            "wrapped": asdict(Summary.of(wrap)),
-            "ratio": asdict(Summary.of([w / b for w, b in zip(wrap, bare, strict=True)])),
-        }
+        bare = times["bare"][measure]
+        result[measure] = {"bare": asdict(Summary.of(bare))}
+        for method in METHODS[1:]:
+            mine = times[method][measure]
+            result[measure][method] = asdict(Summary.of(mine))
+            result[measure][f"{method}_ratio"] = asdict(
+                Summary.of([w / b for w, b in zip(mine, bare, strict=True)])
+            )
+        k = args.probe_every
+        amortised = [
+            (p + (k - 1) * w) / k
+            for p, w in zip(times["probe"][measure], times["wrapped"][measure], strict=True)
+        ]
+        result[measure]["probe_amortised"] = asdict(Summary.of(amortised))
+        result[measure]["probe_amortised_ratio"] = asdict(
+            Summary.of([a / b for a, b in zip(amortised, bare, strict=True)])
+        )
     return result
 
 
-def rss_probe(size: int, optimizer: str, method: str, args: dict) -> int | None:
+def rss_probe(size: int, depth: int, optimizer: str, method: str, args: dict) -> int | None:
     """In a fresh process: peak RSS growth [bytes] from building the optimizer and stepping.
 
     The peak is reset (``/proc/self/clear_refs``) once the model, the batch and the
@@ -193,7 +258,7 @@ def rss_probe(size: int, optimizer: str, method: str, args: dict) -> int | None:
     """
     torch.set_num_threads(args["threads"])
     device = torch.device("cpu")
-    model, _, inputs, labels = build(size, optimizer, "bare", args["batch_size"], device, args["seed"])
+    model, _, inputs, labels = build(size, depth, optimizer, "bare", args["batch_size"], device, args["seed"])
     F.cross_entropy(model(inputs), labels).backward()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -201,9 +266,8 @@ def rss_probe(size: int, optimizer: str, method: str, args: dict) -> int | None:
         before = _proc_status_bytes("VmRSS")
     except OSError:
         return None
-    opt = OPTIMIZERS[optimizer](model.parameters())
-    if method == "wrapped":
-        opt = adaptive_lr.wrap(opt)
+    # The probe's memory does not depend on its cadence; the probe mode probes every step.
+    opt = make_optimizer(model, optimizer, method)
     run_steps(model, opt, inputs, labels, args["warmup"], device)
     return _proc_status_bytes("VmHWM") - before
 
@@ -254,36 +318,46 @@ def spread(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 def format_tables(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"Time per step, ms: median [min, max] over {args.repeats} repeats of {args.steps} steps "
-        f"(batch {args.batch_size}, {args.threads} thread(s)); ratio = wrapped / bare per adjacent pair.",
+        f"Time per step, ms: median [min, max] over {args.repeats} repeats (steps per repeat in "
+        f"the table; {args.threads} thread(s)); ratio = method / bare per adjacent pair. wrapped: "
+        "default options; probing step: a step that runs the Hessian probe; probe mode: "
+        f"curvature_probe_every={args.probe_every}, amortised (t_probing + {args.probe_every - 1} "
+        f"t_wrapped) / {args.probe_every}.",
         "",
-        "| params | optimizer | measured | bare (ms) | wrapped (ms) | wrapped / bare |",
-        "|---:|---|---|---:|---:|---:|",
+        "| params | tensors | batch | optimizer | measured | bare (ms) | wrapped (ms) | wrapped / bare "
+        "| probing step (ms) | probe mode / bare |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for measure, label in (("training_step", "training step"), ("optimizer_step", "opt.step() alone")):
             m = r[measure]
             lines.append(
-                f"| {format_size(r['parameters'])} | {OPTIMIZER_NAMES[r['optimizer']]} | {label} "
-                f"| {spread(m['bare'], 1e3)} | {spread(m['wrapped'], 1e3)} | {spread(m['ratio'], digits=2)} |"
+                f"| {format_size(r['parameters'])} | {r['tensors']} | {r['batch_size']} "
+                f"| {OPTIMIZER_NAMES[r['optimizer']]} | {label} ({r['steps_per_repeat']} steps) "
+                f"| {spread(m['bare'], 1e3)} | {spread(m['wrapped'], 1e3)} "
+                f"| {spread(m['wrapped_ratio'], digits=2)} "
+                f"| {spread(m['probe'], 1e3)} | {spread(m['probe_amortised_ratio'], digits=2)} |"
             )
     lines += [
         "",
         "Memory: bytes of tensors held, relative to the parameter bytes; peak RSS growth over "
-        f"{args.warmup} steps in a fresh process.",
+        f"{args.warmup} steps in a fresh process (probe: probing every step).",
         "",
-        "| params | optimizer | parameters (MiB) | base optimizer state / params "
-        "| extra buffers / params | peak RSS Δ bare (MiB) | peak RSS Δ wrapped (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| params | tensors | optimizer | parameters (MiB) | base optimizer state / params "
+        "| extra buffers / params: wrapped | probe | peak RSS Δ (MiB): bare | wrapped | probe |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        rss = r.get("peak_rss_delta_bytes")
-        bare_rss = f"{rss['bare'] / 2**20:.1f}" if rss else "n/a"
-        wrapped_rss = f"{rss['wrapped'] / 2**20:.1f}" if rss else "n/a"
+        rss = r.get("peak_rss_delta_bytes") or {}
+        cells = [f"{rss[m] / 2**20:.1f}" if rss.get(m) is not None else "n/a" for m in METHODS]
+        ratios = [
+            r[key] / r["parameter_bytes"]
+            for key in ("base_state_bytes", "wrapper_bytes", "probe_wrapper_bytes")
+        ]
         lines.append(
-            f"| {format_size(r['parameters'])} | {OPTIMIZER_NAMES[r['optimizer']]} "
-            f"| {r['parameter_bytes'] / 2**20:.2f} | {r['base_state_bytes'] / r['parameter_bytes']:.2f} "
-            f"| {r['wrapper_bytes'] / r['parameter_bytes']:.2f} | {bare_rss} | {wrapped_rss} |"
+            f"| {format_size(r['parameters'])} | {r['tensors']} | {OPTIMIZER_NAMES[r['optimizer']]} "
+            f"| {r['parameter_bytes'] / 2**20:.2f} | {' | '.join(f'{x:.2f}' for x in ratios)} "
+            f"| {' | '.join(cells)} |"
         )
     return "\n".join(lines)
 
@@ -291,19 +365,28 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=[10_000, 1_000_000])
+    parser.add_argument(
+        "--depths", type=int, nargs="+", default=[DEPTH], help="Linear layers (2 tensors each) per model"
+    )
     parser.add_argument("--optimizers", choices=sorted(OPTIMIZERS), nargs="+", default=["sgd", "adam"])
+    parser.add_argument(
+        "--probe-every", type=int, default=100, help="curvature_probe_every of the probe mode"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100, help="steps per repeat")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: 64 below 1M parameters, 256 from 1M"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process each)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")
     args = parser.parse_args(argv)
-    for name in ("threads", "repeats", "steps", "warmup", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("threads", "repeats", "steps", "warmup", "probe_every", "batch_size", "depths"):
+        value = getattr(args, name)
+        if value is not None and min(value if isinstance(value, list) else [value]) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
@@ -312,20 +395,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if hasattr(os, "sched_setaffinity"):
+        # Pin the process (and the RSS probes it spawns) to the first --threads CPUs.
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.threads]))
     load_before = os.getloadavg()
     start = time.perf_counter()
     results = []
     for size in args.sizes:
-        for optimizer in args.optimizers:
-            print(f"timing {format_size(size)} {optimizer} ...", file=sys.stderr, flush=True)
-            results.append(measure_config(size, optimizer, args, device))
+        for depth in args.depths:
+            for optimizer in args.optimizers:
+                print(
+                    f"timing {format_size(size)} depth {depth} {optimizer} ...", file=sys.stderr, flush=True
+                )
+                results.append(measure_config(size, depth, optimizer, args, device))
     if not args.no_rss and device.type == "cpu":
-        probe_args = {k: getattr(args, k) for k in ("threads", "batch_size", "seed", "warmup")}
         with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
             for r in results:
+                probe_args = {
+                    "threads": args.threads,
+                    "seed": args.seed,
+                    "warmup": args.warmup,
+                    "batch_size": r["batch_size"],
+                }
                 print(f"peak RSS {format_size(r['size'])} {r['optimizer']} ...", file=sys.stderr, flush=True)
                 r["peak_rss_delta_bytes"] = {
-                    m: pool.apply(rss_probe, (r["size"], r["optimizer"], m, probe_args)) for m in METHODS
+                    m: pool.apply(rss_probe, (r["size"], r["depth"], r["optimizer"], m, probe_args))
+                    for m in METHODS
                 }
     seconds = time.perf_counter() - start
     tables = format_tables(results, args)

@@ -177,13 +177,19 @@ def _adagrad(params: list[Tensor], lr: float, **_: Any) -> Setup:
 # --- adaptive_lr ----------------------------------------------------------------------
 
 
-def _adaptive(base: str, **switches: bool) -> Builder:
-    def build(params: list[Tensor], lr: float, *, callback: HistoryCallback, **_: Any) -> Setup:
+def _adaptive(base: str, *, cosine: bool = False, **switches: bool) -> Builder:
+    def build(
+        params: list[Tensor], lr: float, *, total_steps: int, callback: HistoryCallback, **_: Any
+    ) -> Setup:
         if base == "sgd":
             optimizer: Optimizer = torch.optim.SGD(params, lr=lr, momentum=MOMENTUM)
         else:
             optimizer = torch.optim.Adam(params, lr=lr)
-        return Setup(adaptive_lr.wrap(optimizer, callback=callback, **switches))
+        wrapped = adaptive_lr.wrap(optimizer, callback=callback, **switches)
+        if not cosine:
+            return Setup(wrapped)
+        # The user's own schedule on the wrapper: the controller's multiplier scales it.
+        return Setup(wrapped, scheduler=CosineAnnealingLR(wrapped, T_max=max(total_steps, 1)))
 
     return build
 
@@ -311,6 +317,18 @@ METHODS: dict[str, Method] = {
             "adaptive_sgd", "adaptive_lr over SGD momentum 0.9, defaults", _adaptive("sgd"), adaptive=True
         ),
         Method("adaptive_adam", "adaptive_lr over Adam, defaults", _adaptive("adam"), adaptive=True),
+        Method(
+            "adaptive_sgd_cosine",
+            "adaptive_lr over SGD momentum 0.9, defaults, with the user's CosineAnnealingLR on the wrapper",
+            _adaptive("sgd", cosine=True),
+            adaptive=True,
+        ),
+        Method(
+            "adaptive_adam_cosine",
+            "adaptive_lr over Adam, defaults, with the user's CosineAnnealingLR on the wrapper",
+            _adaptive("adam", cosine=True),
+            adaptive=True,
+        ),
         Method(
             "adaptive_sgd_anneal",
             "adaptive_lr over SGD momentum 0.9 with the experimental stationarity annealing (anneal=True)",

@@ -658,8 +658,8 @@ def test_growth_resumes_once_the_cooldown_is_over() -> None:
     assert decisions[-1].lr_multiplier > spiked.lr_multiplier
 
 
-def test_negative_mean_cosine_shrinks_the_multiplier() -> None:
-    options = only("recovery")
+def test_negative_mean_cosine_shrinks_the_multiplier_without_deadband() -> None:
+    options = only("recovery", recovery_deadband=0.0)
     decisions, _ = feed([1.0] * 10, options, grad_cosine=-0.5)
     multipliers = [options.initial_lr_multiplier] + [d.lr_multiplier for d in decisions]
     assert all(after < before for before, after in itertools.pairwise(multipliers))
@@ -688,6 +688,90 @@ def test_too_low_learning_rate_is_corrected_upward_over_many_steps() -> None:
     multipliers = [d.lr_multiplier for d in decisions]
     assert all(after > before for before, after in itertools.pairwise(multipliers))
     assert multipliers[-1] >= target
+
+
+def _recovery_multiplier(cosines: Iterable[float], options: ControllerOptions) -> float:
+    """The multiplier after plain recovery steps, from the documented formula."""
+    multiplier, mean = options.initial_lr_multiplier, 0.0
+    for cosine in cosines:
+        mean = options.cosine_decay * mean + (1 - options.cosine_decay) * cosine
+        effective = min(mean + options.recovery_deadband, 0.0) if mean < 0 else mean
+        multiplier *= math.exp(options.growth_rate * effective)
+    return multiplier
+
+
+@pytest.mark.parametrize("cosine", [-0.01, -0.05, -0.1])
+def test_negative_mean_cosine_inside_the_deadband_leaves_the_multiplier_unchanged(cosine: float) -> None:
+    options = only("recovery", recovery_deadband=0.1)
+    decisions, _ = feed([1.0] * 50, options, grad_cosine=cosine)
+    assert all(d.lr_multiplier == options.initial_lr_multiplier for d in decisions)
+
+
+def test_negative_mean_cosine_beyond_the_deadband_shrinks_by_the_excess() -> None:
+    options = only("recovery", recovery_deadband=0.1)
+    cosines = [-0.5] * 30
+    decisions, _ = feed([1.0] * len(cosines), options, grad_cosine=-0.5)
+    expected = _recovery_multiplier(cosines, options)
+    assert expected < options.initial_lr_multiplier
+    assert math.isclose(decisions[-1].lr_multiplier, expected, rel_tol=REL_TOL)
+    # Without the deadband the same run shrinks more.
+    plain, _ = feed([1.0] * len(cosines), only("recovery", recovery_deadband=0.0), grad_cosine=-0.5)
+    assert plain[-1].lr_multiplier < decisions[-1].lr_multiplier
+
+
+def test_deadband_does_not_change_growth_on_positive_mean_cosine() -> None:
+    with_band, _ = feed([1.0] * 20, only("recovery", recovery_deadband=0.3), grad_cosine=0.4)
+    without, _ = feed([1.0] * 20, only("recovery"), grad_cosine=0.4)
+    assert [d.lr_multiplier for d in with_band] == [d.lr_multiplier for d in without]
+
+
+def test_cap_approach_closes_a_share_of_the_log_gap_to_the_curvature_cap() -> None:
+    options = only("recovery", "curvature_governor", cap_approach=0.3, growth_rate=0.05)
+    curvature, cosine = 1e-2, 0.8
+    decision, _ = decide(
+        Signals(grad_norm=1.0, grad_cosine=cosine, curvature=curvature), init_state(options), options, SGD
+    )
+    cap = lr_cap(curvature, SGD.momentum, options, SGD) / SGD.lr
+    mean = cosine_ema([cosine], options.cosine_decay)
+    log_step = max(options.growth_rate * mean, options.cap_approach * mean * math.log(cap))
+    assert log_step > options.growth_rate * mean  # far below the cap: the approach term wins
+    assert math.isclose(decision.lr_multiplier, math.exp(log_step), rel_tol=REL_TOL)
+
+
+def test_cap_approach_is_plain_recovery_when_the_cap_is_near() -> None:
+    # One step of exp(growth * c) already exceeds approach * c * log(cap / multiplier).
+    options = only("recovery", "curvature_governor", cap_approach=0.01, growth_rate=0.05)
+    curvature = 1.0
+    cap = lr_cap(curvature, SGD.momentum, options, SGD) / SGD.lr
+    assert options.cap_approach * math.log(cap) < options.growth_rate
+    decision, _ = decide(
+        Signals(grad_norm=1.0, grad_cosine=1.0, curvature=curvature), init_state(options), options, SGD
+    )
+    expected = math.exp(options.growth_rate * cosine_ema([1.0], options.cosine_decay))
+    assert math.isclose(decision.lr_multiplier, expected, rel_tol=REL_TOL)
+
+
+@given(
+    approach=st.floats(min_value=0.0, max_value=1.0),
+    cosine=st.floats(min_value=-1.0, max_value=1.0),
+    log10_curvature=st.floats(min_value=-6.0, max_value=6.0),
+)
+def test_multiplier_never_exceeds_the_curvature_cap_whatever_the_cap_approach(
+    approach: float, cosine: float, log10_curvature: float
+) -> None:
+    options = only("recovery", "curvature_governor", cap_approach=approach, max_lr_multiplier=1e12)
+    curvature = 10.0**log10_curvature
+    decisions, _ = feed([1.0] * 30, options, grad_cosine=cosine, curvature=curvature)
+    cap = max(lr_cap(curvature, SGD.momentum, options, SGD) / SGD.lr, options.min_lr_multiplier)
+    assert all(d.lr_multiplier <= max(cap, options.initial_lr_multiplier) * (1 + REL_TOL) for d in decisions)
+    assert decisions[-1].lr_multiplier <= cap * (1 + REL_TOL)
+
+
+def test_cap_approach_does_not_act_on_negative_mean_cosine() -> None:
+    options = only("recovery", "curvature_governor", cap_approach=1.0, recovery_deadband=0.0)
+    decisions, _ = feed([1.0] * 10, options, grad_cosine=-0.5, curvature=1e-3)
+    multipliers = [options.initial_lr_multiplier] + [d.lr_multiplier for d in decisions]
+    assert all(after < before for before, after in itertools.pairwise(multipliers))
 
 
 # --- momentum --------------------------------------------------------------------------

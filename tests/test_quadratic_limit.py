@@ -1,0 +1,76 @@
+"""Regression check for benchmarks/quadratic_limit.py: one kappa, one seed, a few hundred steps.
+
+The full table (four kappas, three seeds, the noisy version) is the benchmark; this keeps
+its deterministic kappa-100 cell from sliding back unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import adaptive_lr
+
+KAPPA = 100.0
+DIM = 200
+SEED = 0
+MAX_ITERS = 600
+
+
+def _load_benchmark() -> ModuleType:
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quadratic_limit.py"
+    spec = importlib.util.spec_from_file_location("quadratic_limit", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _load_benchmark()
+
+
+def _iterations(bench: ModuleType, make: object) -> int | None:
+    problem = bench.Quadratic.make(KAPPA, DIM, SEED)
+    target = bench.TARGET_REDUCTION * problem.value(problem.x0)
+    values = bench.run(problem, make, iterations=MAX_ITERS, stop_at=target)
+    return bench.iterations_to_target(values, target)
+
+
+def test_problem_has_the_stated_spectrum(bench: ModuleType) -> None:
+    problem = bench.Quadratic.make(KAPPA, DIM, SEED)
+    eigenvalues = torch.linalg.eigvalsh(problem.matrix)
+    assert eigenvalues.min().item() == pytest.approx(1 / KAPPA, rel=1e-9)
+    assert eigenvalues.max().item() == pytest.approx(1.0, rel=1e-9)
+
+
+def test_references_match_their_theoretical_rates(bench: ModuleType) -> None:
+    problem = bench.Quadratic.make(KAPPA, DIM, SEED)
+    gd = _iterations(bench, bench.method_factories(1e-3)["gd_optimal"](problem))
+    heavy_ball = _iterations(bench, bench.method_factories(1e-3)["heavy_ball_optimal"](problem))
+    assert gd is not None and heavy_ball is not None
+    # GD's rate is (kappa-1)/(kappa+1) on the slowest mode: about 345 steps for f / 1e6
+    # from a start spread over all modes, fewer since the slow mode holds 1/200 of f(x0).
+    assert 200 < gd <= math.ceil(bench.theoretical_iterations((KAPPA - 1) / (KAPPA + 1)))
+    # Heavy ball is faster by about sqrt(kappa) / 2 on this problem.
+    assert heavy_ball < gd / 4
+
+
+def test_untuned_adaptive_sgd_is_never_slower_than_optimal_gradient_descent(bench: ModuleType) -> None:
+    problem = bench.Quadratic.make(KAPPA, DIM, SEED)
+    gd = _iterations(bench, bench.method_factories(1e-3)["gd_optimal"](problem))
+    adaptive = _iterations(
+        bench,
+        lambda params: adaptive_lr.wrap(torch.optim.SGD(params, lr=bench.UNTUNED_LR, momentum=0.9)),
+    )
+    assert gd is not None
+    assert adaptive is not None, f"adaptive_lr did not reach 1e-6 f(x0) in {MAX_ITERS} steps"
+    assert adaptive <= gd

@@ -9,7 +9,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LINTED := adaptive_lr tests experiments benchmarks
 
-.PHONY: demo test lint bench paper clean
+.PHONY: demo test lint bench paper paper-full clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ bench: $(VENV)/.installed
 paper: $(VENV)/.installed
 	$(PY) -m experiments run --preset quick --results results/quick --workers 2
 	$(PY) -m experiments paper --results results/quick --preset quick
+
+# Everything in papers/paper.md: the quick preset, the targets grid on every task (about an
+# hour on 2 cores) and both benchmarks (about half an hour); each step resumes or reruns.
+paper-full: $(VENV)/.installed
+	$(PY) -m experiments run --preset quick --results results/quick --workers 2
+	$(PY) -m experiments run --config experiments/configs/targets_all.toml --results results/targets_all --workers 2
+	$(PY) benchmarks/quadratic_limit.py --output results/quadratic_limit.json
+	$(PY) benchmarks/overhead.py --sizes 10k 1M 10M 50M --optimizers sgd adamw --output results/overhead.json
+	$(PY) -m experiments paper --results results/quick --preset quick \
+		--targets-results results/targets_all --benchmarks results
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -441,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "results": results,
+        "markdown": tables,
     }
     args.output.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {args.output}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Command line: ``python -m experiments run --preset quick [--results DIR] [--workers N]``,
 ``python -m experiments report --results DIR [--out DIR]``,
-``python -m experiments paper --results DIR [--preset quick]``."""
+``python -m experiments paper --results DIR [--preset quick] [--targets-results DIR]
+[--benchmarks DIR]``."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     paper.add_argument("--preset", choices=config.PRESETS, default="quick", help="the preset that was run")
     paper.add_argument("--out", type=Path, help="the paper's path (default papers/paper.md)")
+    paper.add_argument(
+        "--targets-results", type=Path, help="results folder of the targets_all grid (optional section)"
+    )
+    paper.add_argument(
+        "--benchmarks",
+        type=Path,
+        help="folder with quadratic_limit.json and overhead.json from benchmarks/ (optional sections)",
+    )
     return parser
 
 
@@ -58,7 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "paper":
         from experiments.paper import build_paper  # imports matplotlib, needed only here
 
-        print(f"wrote {build_paper(args.results, preset=args.preset, out=args.out)}")
+        path = build_paper(
+            args.results,
+            preset=args.preset,
+            out=args.out,
+            targets_results=args.targets_results,
+            benchmarks=args.benchmarks,
+        )
+        print(f"wrote {path}")
         return 0
     if args.command == "report":
         from experiments.report import build_report  # imports matplotlib, needed only here

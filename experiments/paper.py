@@ -9,11 +9,16 @@ number comes from a placeholder filled from code or records, never typed by hand
 - ``{{protocol}}``: the grid (tasks, methods, learning rates, seeds, epochs) of the preset;
 - ``{{tasks}}`` and ``{{methods}}``: the registries' descriptions;
 - ``{{targets}}``, ``{{overall}}`` and ``{{task:NAME}}``: the report's tables and figures;
-- ``{{provenance}}``: the commands, the results file, the machine and the code version.
+- ``{{provenance}}``: the commands, the results file, the machine and the code version;
+- optional sections, each from its own results (a note saying how to produce it when
+  absent): ``{{targets_full}}``, the targets and widths of a second grid (the
+  ``targets_all`` config over every task, 11 lrs x 3 seeds); ``{{quadratic_limit}}`` and
+  ``{{overhead}}``, the tables the two benchmarks wrote into their JSON files.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -33,13 +38,32 @@ from experiments.summary import summarize
 from experiments.tasks import TASKS
 
 PAPERS = Path(__file__).resolve().parent.parent / "papers"
+TARGETS_COMMAND = (
+    "python -m experiments run --config experiments/configs/targets_all.toml --results results/targets_all "
+    "--workers 2"
+)
+BENCHMARK_COMMANDS = {
+    "quadratic_limit": "python benchmarks/quadratic_limit.py",
+    "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M 50M --optimizers sgd adamw",
+}
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+(?::[a-z0-9_]+)?)\s*\}\}")
 
 
 def build_paper(
-    results: Path, *, preset: str = "quick", template: Path | None = None, out: Path | None = None
+    results: Path,
+    *,
+    preset: str = "quick",
+    template: Path | None = None,
+    out: Path | None = None,
+    targets_results: Path | None = None,
+    benchmarks: Path | None = None,
 ) -> Path:
-    """Render the template with the records of ``results``; return the paper's path."""
+    """Render the template with the records of ``results``; return the paper's path.
+
+    ``targets_results``: a results folder of the ``targets_all`` grid; ``benchmarks``: the
+    folder holding ``quadratic_limit.json`` and ``overhead.json``. Either may be None or
+    missing, and its sections then say how to produce it.
+    """
     template = PAPERS / "paper.template.md" if template is None else template
     out = PAPERS / "paper.md" if out is None else out
     generated = out.parent / "generated"
@@ -62,7 +86,10 @@ def build_paper(
         "targets": "\n".join(targets_section(summary)),
         "overall": "\n".join(overall_section(summary)),
         "provenance": _provenance(results, preset),
+        "targets_full": _targets_full(targets_results),
     }
+    for name, command in BENCHMARK_COMMANDS.items():
+        values[name] = _benchmark_table(None if benchmarks is None else benchmarks / f"{name}.json", command)
     for task in summary.tasks():
         values[f"task:{task}"] = "\n".join(task_section(summary, task, figures[task]))
 
@@ -76,6 +103,38 @@ def build_paper(
 
     out.write_text(PLACEHOLDER.sub(fill, template.read_text()))
     return out
+
+
+def _targets_full(results: Path | None) -> str:
+    if results is None or not (results / RUNS_FILE).exists():
+        return f"_(not in this build: run `{TARGETS_COMMAND}`, then `make paper-full`)_"
+    summary = summarize(read_records(results))
+    return "\n".join(
+        [
+            f"From `{results / RUNS_FILE}` (`{TARGETS_COMMAND}`).",
+            "",
+            *targets_section(summary),
+            "",
+            *overall_section(summary),
+        ]
+    )
+
+
+def _benchmark_table(path: Path | None, command: str) -> str:
+    if path is None or not path.exists():
+        return f"_(not in this build: run `{command}`, then `make paper-full`)_"
+    payload = json.loads(path.read_text())
+    machine = payload.get("machine", {})
+    where = ", ".join(
+        f"{key} {value}" for key, value in machine.items() if key in ("cpu", "platform", "torch")
+    )
+    return "\n".join(
+        [
+            f"From `{path.name}`, written by `{payload.get('command', command)}` ({where}).",
+            "",
+            payload["markdown"],
+        ]
+    )
 
 
 def _options_table() -> str:

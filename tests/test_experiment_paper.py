@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -45,3 +46,38 @@ def test_the_template_cites_only_keys_of_the_bibliography() -> None:
     cited = set(re.findall(r"@([a-z0-9]+)", (PAPERS / "paper.template.md").read_text()))
     defined = set(re.findall(r"@\w+\{([a-z0-9]+),", (PAPERS / "references.bib").read_text()))
     assert cited and cited <= defined
+
+
+def test_optional_sections_say_how_to_produce_them_when_absent(paper: Path) -> None:
+    text = paper.read_text()
+    assert (
+        "_(not in this build: run `python -m experiments run --config experiments/configs/targets_all.toml"
+        in text
+    )
+    assert "_(not in this build: run `python benchmarks/quadratic_limit.py`" in text
+    assert "_(not in this build: run `python benchmarks/overhead.py" in text
+
+
+def test_optional_sections_are_filled_from_their_results(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(FIXTURE, results / RUNS_FILE)
+    benchmarks = tmp_path / "bench"
+    benchmarks.mkdir()
+    for name in ("quadratic_limit", "overhead"):
+        payload = {
+            "command": f"python benchmarks/{name}.py --x",
+            "machine": {"torch": "t"},
+            "markdown": f"| {name} |",
+        }
+        (benchmarks / f"{name}.json").write_text(json.dumps(payload))
+    out = build_paper(
+        results, preset="quick", out=tmp_path / "paper.md", targets_results=results, benchmarks=benchmarks
+    )
+    text = out.read_text()
+    assert "not in this build" not in text
+    assert "| quadratic_limit |" in text and "| overhead |" in text
+    assert "written by `python benchmarks/overhead.py --x`" in text
+    # The targets section of the second grid: its table header and the records' path.
+    assert text.count("| method | task | divergence 0% | width | default within 1.1x |") == 2
+    assert f"From `{results / RUNS_FILE}`" in text

@@ -1,9 +1,13 @@
 """Bare SGD with momentum against the same optimizer wrapped by adaptive_lr, on the seed network.
 
     python -m adaptive_lr.demo [--epochs 20] [--lrs 0.001 0.01 0.1 1 10] [--seed 0]
+                               [--schedule cosine|constant]
 
 For every learning rate both methods train the seed article's network (He init, see
-`adaptive_lr.seed`) from the same initial weights on the same batches. The output is a
+`adaptive_lr.seed`) from the same initial weights on the same batches, under the same
+learning-rate schedule: by default torch's CosineAnnealingLR over the whole run, stepped
+on the optimizer the user holds (the wrapper, for the wrapped method), so the controller
+scales the user's schedule; ``--schedule constant`` keeps the lr fixed. The output is a
 markdown table (final loss, accuracy, divergence, the controller's events), then one line
 with the machine, the command and the wall time. tqdm, from the ``demo`` extra, draws a
 progress bar over the runs when it is installed and stderr is a terminal.
@@ -12,6 +16,7 @@ progress bar over the runs when it is installed and stderr is a terminal.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
@@ -32,6 +37,8 @@ BARE = "SGD(momentum=0.9)"
 WRAPPED = "adaptive_lr.wrap(SGD(momentum=0.9))"
 METHODS = (BARE, WRAPPED)
 MOMENTUM = 0.9
+SCHEDULES = ("cosine", "constant")
+BATCH_SIZE = 64
 
 try:
     from tqdm import tqdm
@@ -48,10 +55,12 @@ class Run:
     """Controller events by type; None for the bare optimizer."""
 
 
-def run_one(lr: float, method: str, *, epochs: int, seed: int) -> Run:
+def run_one(lr: float, method: str, *, epochs: int, seed: int, schedule: str = "cosine") -> Run:
     """Train the He-init seed network with one method at one learning rate."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     inputs, labels = seed_data(seed=seed)
     model = seed_network(init="he", generator_seed=seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
@@ -62,17 +71,28 @@ def run_one(lr: float, method: str, *, epochs: int, seed: int) -> Run:
         optimizer = adaptive_lr.wrap(
             optimizer, callback=lambda record: counts.update([record.event] if record.event else [])
         )
-    result = train(model, optimizer, inputs, labels, epochs=epochs, seed=seed)
+    scheduler = None
+    if schedule == "cosine":
+        total_steps = epochs * math.ceil(len(inputs) / BATCH_SIZE)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    result = train(
+        model, optimizer, inputs, labels, epochs=epochs, seed=seed, batch_size=BATCH_SIZE, scheduler=scheduler
+    )
     return Run(lr, method, result, events)
 
 
 def run_grid(
-    lrs: Sequence[float], *, epochs: int, seed: int, on_run: Callable[[Run], None] | None = None
+    lrs: Sequence[float],
+    *,
+    epochs: int,
+    seed: int,
+    schedule: str = "cosine",
+    on_run: Callable[[Run], None] | None = None,
 ) -> list[Run]:
     runs = []
     for lr in lrs:
         for method in METHODS:
-            runs.append(run_one(lr, method, epochs=epochs, seed=seed))
+            runs.append(run_one(lr, method, epochs=epochs, seed=seed, schedule=schedule))
             if on_run is not None:
                 on_run(runs[-1])
     return runs
@@ -123,6 +143,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches")
     parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="lr schedule of both methods: CosineAnnealingLR over the run, or constant",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -148,7 +174,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             bar = tqdm(total=len(args.lrs) * len(METHODS), desc="runs", unit="run", disable=None)
         try:
             runs = run_grid(
-                args.lrs, epochs=args.epochs, seed=args.seed, on_run=None if bar is None else _advance(bar)
+                args.lrs,
+                epochs=args.epochs,
+                seed=args.seed,
+                schedule=args.schedule,
+                on_run=None if bar is None else _advance(bar),
             )
         finally:
             if bar is not None:

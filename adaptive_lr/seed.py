@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 INPUT_SIZE = 8
 HIDDEN_SIZE = 20
@@ -101,13 +102,15 @@ def train(
     seed: int = 0,
     divergence_threshold: float = 1e6,
     progress: Callable[[int, float], None] | None = None,
+    scheduler: LRScheduler | None = None,
 ) -> TrainResult:
     """Minibatch training with cross-entropy; the same call for a bare or a wrapped optimizer.
 
     Each step is ``optimizer.step(closure)``, so an ``AdaptiveOptimizer`` sees the loss.
     Batches are reshuffled every epoch by a ``torch.Generator`` seeded with ``seed``, so a
     run is a function of its arguments. ``progress``, if given, is called after every step
-    with (steps taken, minibatch loss).
+    with (steps taken, minibatch loss). ``scheduler``, if given, is stepped after every
+    optimizer step (build it on the optimizer passed here, wrapped or not).
     """
     if epochs < 0:
         raise ValueError(f"epochs must be non-negative, got {epochs}")
@@ -130,6 +133,8 @@ def train(
 
             loss = optimizer.step(closure).detach().item()
             steps += 1
+            if scheduler is not None:
+                scheduler.step()
             if progress is not None:
                 progress(steps, loss)
             if not math.isfinite(loss) or loss > divergence_threshold:

@@ -57,6 +57,35 @@ def test_demo_restores_the_torch_thread_count(capsys):
     assert torch.get_num_threads() == 2
 
 
+def test_demo_rejects_an_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        demo.run_one(0.01, demo.BARE, epochs=1, seed=0, schedule="linear")
+
+
+@pytest.mark.parametrize("method", demo.METHODS)
+def test_cosine_schedule_changes_the_run_and_constant_matches_no_scheduler(method):
+    cosine = demo.run_one(0.01, method, epochs=2, seed=0, schedule="cosine")
+    constant = demo.run_one(0.01, method, epochs=2, seed=0, schedule="constant")
+    assert cosine.result.final_loss != constant.result.final_loss
+    inputs, labels = seed_data(seed=0)
+    model = seed_network(init="he", generator_seed=0)
+    optimizer = sgd(model, 0.01)
+    if method == demo.WRAPPED:
+        optimizer = adaptive_lr.wrap(optimizer)
+    plain = train(model, optimizer, inputs, labels, epochs=2, seed=0)
+    assert plain.final_loss == constant.result.final_loss
+
+
+def test_train_steps_the_scheduler_once_per_optimizer_step():
+    inputs, labels = seed_data(seed=0)
+    model = seed_network(init="he", generator_seed=0)
+    optimizer = adaptive_lr.wrap(sgd(model, 0.01))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    result = train(model, optimizer, inputs, labels, epochs=1, scheduler=scheduler)
+    assert result.steps == EPOCH_STEPS
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**EPOCH_STEPS)
+
+
 def test_seed_network_is_ten_linear_layers_from_8_to_3_with_relu_between():
     model = seed_network()
     linears = [m for m in model if isinstance(m, nn.Linear)]

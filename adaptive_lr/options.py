@@ -104,6 +104,12 @@ class ControllerOptions:
 
     Telemetry:
         history_size: number of per-step records kept in `history` (oldest dropped).
+
+    Distributed:
+        sync_ranks: when torch.distributed is initialized with several ranks, all-reduce
+            the step's scalars once (partial sums of FSDP2 shards added, the loss
+            averaged) so that every rank makes the same decision; see
+            adaptive_lr.distributed. Turn off only when each rank steps its own model.
     """
 
     spike_guard: bool = True
@@ -149,6 +155,7 @@ class ControllerOptions:
     cosine_decay: float = 0.9
 
     history_size: int = 1000
+    sync_ranks: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from adaptive_lr.controller import Signals
+from adaptive_lr.distributed import RankReduction, local
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over tensors.
 
@@ -60,6 +61,7 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _flat(t: Tensor) -> Tensor:
+    t = local(t)  # a DTensor's own shard: sums over it are this rank's part
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.reshape(-1)
@@ -97,6 +99,7 @@ class GradientView:
 
     params: list[Tensor]
     grads: list[Tensor]
+    """The gradients' rank-local tensors (the gradients themselves unless DTensors)."""
     positions: list[int]
     """Position of each parameter in the param groups (as in state_dict)."""
     group_bounds: list[tuple[int, int]]
@@ -122,7 +125,7 @@ class GradientView:
                         "parameters to a separate, unwrapped optimizer"
                     )
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(local(p.grad))
                 positions.append(position - 1)
             bounds.append((start, len(params)))
         return cls(params, grads, positions, bounds)
@@ -171,7 +174,8 @@ class Trajectory:
         if p not in self.blocks:
             numel = _flat(p).numel()
             offset, length = self.layout.block(position, numel)
-            self.blocks[p] = (offset, length, numel / length)
+            # An empty local shard (FSDP2, more ranks than rows) contributes nothing.
+            self.blocks[p] = (offset, length, numel / length if length else 0.0)
 
     def prepare(self, view: GradientView) -> StepSample:
         """The sampled blocks of this step's parameters and gradients."""
@@ -261,8 +265,12 @@ def measure(
     loss: Tensor | float | None,
     *,
     param_grad: bool = False,
+    reduction: RankReduction | None = None,
 ) -> tuple[Signals, list[float]]:
     """Compute this step's signals with one host sync.
+
+    With a ``reduction`` (several ranks) the vector of scalars is all-reduced once before
+    it is read, the loss averaged (see `adaptive_lr.distributed`).
 
     Returns the signals for the controller and the per-group gradient norms.
     """
@@ -282,9 +290,14 @@ def measure(
     param_grad = param_grad and bool(sample.params)
     if param_grad:
         parts.append(trajectory.param_grad_dot(sample))
-    if isinstance(loss, Tensor):
-        parts.append(loss.detach().reshape(()))
-    values = _stack(parts).tolist()
+    loss_in_vector = isinstance(loss, Tensor) or (reduction is not None and loss is not None)
+    if loss_in_vector:
+        loss_part = loss.detach().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        parts.append(loss_part.to(device=parts[0].device))
+    stacked = _stack(parts)
+    if reduction is not None:
+        stacked = reduction(stacked, averaged=[len(parts) - 1] if loss_in_vector else [])
+    values = stacked.tolist()
 
     total_sq = values[0]
     groups = [v**0.5 for v in values[1 : 1 + len(group_sq)]]
@@ -310,7 +323,7 @@ def measure(
     param_grad_value = None
     if param_grad:
         param_grad_value, rest = rest[0], rest[1:]
-    if isinstance(loss, Tensor):
+    if loss_in_vector:
         loss_value: float | None = rest[0]
     else:
         loss_value = None if loss is None else float(loss)

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adaptive_lr import controller as ctl
+from adaptive_lr.distributed import RankReduction, local
 from adaptive_lr.options import ControllerOptions
 from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, measure, squared_norms
 from adaptive_lr.telemetry import HistoryCallback, StepRecord
@@ -202,10 +203,21 @@ class AdaptiveOptimizer(Optimizer):
                 "returns the loss"
             )
         view = GradientView.collect(self.param_groups)
+        reduction = RankReduction.for_tensors(view.params, enabled=self.options.sync_ranks)
+        if probe_due and reduction is not None and reduction.sharded:
+            raise ValueError(
+                "the Hessian probe (curvature_probe_every > 0) does not support sharded (FSDP2) "
+                "parameters; set curvature_probe_every=0"
+            )
         sharpness = self._probe(closure, view) if probe_due else None
         sample = self._trajectory.prepare(view)
         signals, group_norms = measure(
-            view, self._trajectory, sample, loss_for_signals, param_grad=self.options.anneal
+            view,
+            self._trajectory,
+            sample,
+            loss_for_signals,
+            param_grad=self.options.anneal,
+            reduction=reduction,
         )
         if sharpness is not None:
             signals = ctl.Signals(**{**asdict(signals), "sharpness": sharpness})
@@ -217,7 +229,8 @@ class AdaptiveOptimizer(Optimizer):
                 torch._foreach_mul_(view.grads, decision.clip_coef)
             self._trajectory.snapshot(sample)
             # The first step's full parameters: kept once, for the update guard's check.
-            before = [p.detach().clone() for p in view.params] if new_state.reference_norm is None else None
+            first = new_state.reference_norm is None
+            before = [local(p).detach().clone() for p in view.params] if first else None
             try:
                 with _applied(self.param_groups, decision, self.options.momentum_control):
                     self.optimizer.step()
@@ -225,7 +238,7 @@ class AdaptiveOptimizer(Optimizer):
                 self._trajectory.reset()
                 raise
             if before is not None:
-                new_state, decision = self._check_first_step(view, before, new_state, decision)
+                new_state, decision = self._check_first_step(view, before, new_state, decision, reduction)
             self._trajectory.finish(sample, decision.clip_coef)
         self._controller_state = new_state
         self._record(decision, signals, group_norms, context)
@@ -237,18 +250,22 @@ class AdaptiveOptimizer(Optimizer):
         before: list[Tensor],
         state: ctl.ControllerState,
         decision: ctl.Decision,
+        reduction: RankReduction | None,
     ) -> tuple[ctl.ControllerState, ctl.Decision]:
         """The update guard's after-the-fact check of a step nothing could predict.
 
-        Costs a copy of the parameters and one extra host sync, on the first step only.
+        Costs a copy of the parameters and one extra host sync (and, on several ranks, one
+        extra all-reduce), on the first step only.
         """
+        params = [local(p) for p in view.params]
         param_sq = squared_norms(before).sum()
-        torch._foreach_sub_(before, view.params)  # now the full step d = x_0 - x_1
-        step_sq, norm_sq = torch.stack([squared_norms(before).sum(), param_sq]).tolist()
+        torch._foreach_sub_(before, params)  # now the full step d = x_0 - x_1
+        sums = torch.stack([squared_norms(before).sum(), param_sq])
+        step_sq, norm_sq = (sums if reduction is None else reduction(sums)).tolist()
         scale, state = ctl.first_step_scale(step_sq**0.5, norm_sq**0.5, state, self.options)
         if scale < 1.0:
             # Updates are linear in lr: x_0 - scale * d is the step at lr x scale.
-            torch._foreach_add_(view.params, before, alpha=1.0 - scale)
+            torch._foreach_add_(params, before, alpha=1.0 - scale)
             decision = replace(
                 decision,
                 lr_multiplier=decision.lr_multiplier * scale,

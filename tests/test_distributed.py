@@ -1,0 +1,249 @@
+"""Several ranks decide alike: DDP and FSDP2 on CPU with gloo, two processes.
+
+Each scenario spawns two ranks (torch.multiprocessing, file-store rendezvous); every rank
+writes what it saw to a file, and the assertions run here, in the parent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+import adaptive_lr
+
+WORLD = 2
+STEPS = 30
+NAN_STEP = 12
+"""The step at which rank 1 alone hands over a NaN loss (DDP scenario)."""
+BATCH = 32
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _batches(steps: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The global batches: every rank takes its own slice of each."""
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(size, 8, generator=generator) * 3, torch.randint(0, 3, (size,), generator=generator))
+        for _ in range(steps)
+    ]
+
+
+def _record(record: adaptive_lr.StepRecord) -> tuple[Any, ...]:
+    """The decision and the signals of a step; NaN as "nan" so that records compare equal."""
+    return tuple("nan" if isinstance(x, float) and math.isnan(x) else x for x in _fields(record))
+
+
+def _fields(record: adaptive_lr.StepRecord) -> tuple[Any, ...]:
+    return (
+        record.lr_multiplier,
+        record.momentum,
+        record.event,
+        record.clip_coef,
+        record.grad_norm,
+        record.curvature,
+        record.grad_cosine,
+        record.loss,
+    )
+
+
+def _spawn(tmp_path: Path, worker: Callable[..., None], *args: Any) -> list[dict[str, Any]]:
+    store = tmp_path / "store"
+    mp.spawn(worker, args=(str(store), str(tmp_path), *args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+def _init(rank: int, store: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+
+
+def _counting_all_reduce() -> list[int]:
+    """Count the Python-level all_reduce calls (DDP's own reducer runs in C++)."""
+    calls = [0]
+    original = dist.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted  # type: ignore[assignment]
+    return calls
+
+
+# --- DDP ------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    _init(rank, store)
+    calls = _counting_all_reduce()
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    half = BATCH // WORLD
+    records, local_losses, calls_per_step = [], [], []
+    for step, (inputs, labels) in enumerate(_batches(STEPS, BATCH)):
+        opt.zero_grad()
+        loss = F.cross_entropy(
+            model(inputs[rank * half : (rank + 1) * half]), labels[rank * half : (rank + 1) * half]
+        )
+        loss.backward()
+        local_losses.append(loss.item())
+        handed = torch.tensor(math.nan) if (step == NAN_STEP and rank == 1) else loss
+        before = calls[0]
+        opt.step(loss=handed)
+        calls_per_step.append(calls[0] - before)
+        records.append(_record(opt.history[-1]))
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.save(
+        {"records": records, "losses": local_losses, "params": params, "calls": calls_per_step},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _spawn(tmp_path_factory.mktemp("ddp"), _ddp_worker)
+
+
+def test_ddp_ranks_make_identical_decisions_at_every_step(ddp: list[dict[str, Any]]) -> None:
+    first, second = ddp
+    assert len(first["records"]) == STEPS
+    assert first["records"] == second["records"]
+    events = {record[2] for record in first["records"]}
+    assert events & {"spike", "update_cap", "curvature_cap"}, "the run should exercise the controller"
+
+
+def test_ddp_parameters_stay_bit_identical_across_ranks(ddp: list[dict[str, Any]]) -> None:
+    for a, b in zip(ddp[0]["params"], ddp[1]["params"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ddp_loss_signal_is_the_mean_of_the_ranks_local_losses(ddp: list[dict[str, Any]]) -> None:
+    for step, record in enumerate(ddp[0]["records"]):
+        if step == NAN_STEP:
+            continue
+        mean = (ddp[0]["losses"][step] + ddp[1]["losses"][step]) / WORLD
+        assert record[7] == pytest.approx(mean, rel=1e-6)
+    assert ddp[0]["losses"][0] != ddp[1]["losses"][0]  # the ranks' batches differ
+
+
+def test_ddp_nonfinite_loss_on_one_rank_makes_every_rank_skip_that_step(ddp: list[dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        record = ddp[rank]["records"][NAN_STEP]
+        assert record[2] == "skip"
+        assert record[7] == "nan"
+    skipped = [step for step, record in enumerate(ddp[0]["records"]) if record[2] == "skip"]
+    assert skipped == [NAN_STEP]
+
+
+def test_ddp_costs_one_all_reduce_per_step_and_one_more_on_the_first(ddp: list[dict[str, Any]]) -> None:
+    for rank in range(WORLD):
+        calls = ddp[rank]["calls"]
+        assert calls[0] == 2  # the signals, and the update guard's first-step check
+        assert calls[1:] == [1] * (STEPS - 1)
+
+
+# --- FSDP2 ----------------------------------------------------------------------------
+
+
+def _fsdp_step_records(model: nn.Module, opt: adaptive_lr.AdaptiveOptimizer, rank: int, world: int) -> list:
+    records = []
+    part = BATCH // world
+    for inputs, labels in _batches(STEPS, BATCH):
+        opt.zero_grad()
+        chunk = slice(rank * part, (rank + 1) * part)
+        F.cross_entropy(model(inputs[chunk]), labels[chunk]).backward()
+        opt.step(loss=None)
+        records.append(_record(opt.history[-1]))
+    return records
+
+
+def _options() -> dict[str, Any]:
+    # Every coordinate: the sampled blocks of local shards are not those of full tensors.
+    return {"sample_fraction": 1.0}
+
+
+def _fsdp_worker(rank: int, store: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, store)
+    calls = _counting_all_reduce()
+    model = _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for module in model:
+        if isinstance(module, nn.Linear):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), **_options())
+    sharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+    records = _fsdp_step_records(model, opt, rank, WORLD)
+    params = [p.full_tensor().detach().clone() for p in model.parameters()]
+    torch.save(
+        {"records": records, "params": params, "sharded": sharded, "calls": calls[0]},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _spawn(tmp_path_factory.mktemp("fsdp"), _fsdp_worker)
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, Any]:
+    """The same model, data and options in one process on the full batches."""
+    model = _model()
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), **_options())
+    records = _fsdp_step_records(model, opt, rank=0, world=1)
+    return {"records": records, "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_fsdp2_gradients_are_sharded_dtensors(fsdp: list[dict[str, Any]]) -> None:
+    assert all(result["sharded"] for result in fsdp)
+
+
+def test_fsdp2_ranks_make_identical_decisions_at_every_step(fsdp: list[dict[str, Any]]) -> None:
+    assert fsdp[0]["records"] == fsdp[1]["records"]
+
+
+def test_fsdp2_signals_are_those_of_the_full_model_in_one_process(
+    fsdp: list[dict[str, Any]], single: dict[str, Any]
+) -> None:
+    for step, (mine, reference) in enumerate(zip(fsdp[0]["records"], single["records"], strict=True)):
+        assert mine[2] == reference[2], f"event differs at step {step}"
+        for index, name in ((0, "lr_multiplier"), (4, "grad_norm"), (5, "curvature"), (6, "grad_cosine")):
+            if reference[index] is None:
+                assert mine[index] is None
+            else:
+                assert mine[index] == pytest.approx(reference[index], rel=1e-4, abs=1e-7), (name, step)
+
+
+def test_fsdp2_parameters_match_the_single_process_run(
+    fsdp: list[dict[str, Any]], single: dict[str, Any]
+) -> None:
+    for sharded, reference in zip(fsdp[0]["params"], single["params"], strict=True):
+        torch.testing.assert_close(sharded, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_costs_one_all_reduce_per_step_and_one_more_on_the_first(fsdp: list[dict[str, Any]]) -> None:
+    assert all(result["calls"] == STEPS + 1 for result in fsdp)

@@ -128,6 +128,11 @@ class ControllerState:
     stationarity_rhs: float | None = None
     """EMA of (1 + mu) / (2 lr) ||d_t||^2."""
     steps_since_anneal: int = 0
+    restore_multiplier: float | None = None
+    """Multiplier before the last spike or skip cut: restored once the cooldown passes quietly."""
+    spiked: bool = False
+    """The last applied step was a spike: the next secant pairs its gradient, drawn from
+    another loss surface (a poisoned batch), and is not a curvature sample."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,13 @@ def decide(
             options.min_lr_multiplier,
             options.max_lr_multiplier,
         )
-        new_state = replace(state, step=state.step + 1, lr_multiplier=multiplier, steps_since_event=0)
+        new_state = replace(
+            state,
+            step=state.step + 1,
+            lr_multiplier=multiplier,
+            steps_since_event=0,
+            restore_multiplier=_restore_target(state, options.skip_backoff),
+        )
         return Decision(skip=True, lr_multiplier=multiplier, momentum=None, event="skip"), new_state
 
     event: str | None = None
@@ -169,6 +180,7 @@ def decide(
     state, spike_coef = _explosion_guard(signals.grad_norm, state, options)
     if spike_coef < 1.0:
         clip_coef = spike_coef
+        state = replace(state, restore_multiplier=_restore_target(state, options.spike_backoff))
         multiplier *= options.spike_backoff
         event = "spike"
     finite_norm = math.isfinite(signals.grad_norm)  # (an infinite one only with skip_nonfinite off)
@@ -180,7 +192,8 @@ def decide(
         clip_coef = options.max_grad_norm / signals.grad_norm
         event = event or "clip"
 
-    state = _track_curvature(signals, state, options, context)
+    if not state.spiked:
+        state = _track_curvature(signals, state, options, context)
     state = _track_cosine(signals, state, options)
     momentum = _momentum(state, options, context)
     state, stationary = _track_stationarity(signals, state, options, context)
@@ -205,7 +218,13 @@ def decide(
         if cosine > 0.0 and curvature_cap is not None and curvature_cap > multiplier:
             # Far below the stability bound, close a share of the (log) gap per step.
             log_step = max(log_step, options.cap_approach * cosine * math.log(curvature_cap / multiplier))
+        restore = state.restore_multiplier
+        if options.restore_after_event and restore is not None and multiplier < restore:
+            # A quiet cooldown after a cut: the event was isolated, give the cut back.
+            log_step = max(log_step, min(options.growth_rate, math.log(restore / multiplier)))
         multiplier *= math.exp(log_step)
+        if restore is not None and multiplier >= restore:
+            state = replace(state, restore_multiplier=None)
     if cap is not None and multiplier > cap:
         multiplier = cap
         event = event or cap_event
@@ -217,6 +236,7 @@ def decide(
         step=state.step + 1,
         lr_multiplier=multiplier,
         steps_since_event=since_event,
+        spiked=spike_coef < 1.0,
         last_lr=context.lr * multiplier,
         last_momentum=momentum,
         pending_param_grad=None if signals.param_grad_dot is None else signals.param_grad_dot * clip_coef,
@@ -230,6 +250,15 @@ def decide(
         curvature=curvature,
     )
     return decision, new_state
+
+
+def _restore_target(state: ControllerState, backoff: float) -> float:
+    """The multiplier to give back after this cut: the one before it, or, on a cut while
+    still giving back an earlier one (events that repeat), the earlier target cut too."""
+    restore = state.restore_multiplier
+    if restore is None or state.lr_multiplier >= restore:
+        return state.lr_multiplier
+    return restore * backoff
 
 
 def _explosion_guard(

@@ -59,6 +59,11 @@ class ControllerOptions:
             cap, grow by at least exp(cap_approach * c * log(cap / multiplier)): close
             this share of the log gap to the cap per step, so a learning rate decades too
             small is corrected in tens of steps rather than hundreds. 0 disables it.
+        restore_after_event: after a spike or skip cut and a quiet cooldown, give the cut
+            back at up to exp(growth_rate) per step, up to the multiplier before the cut:
+            an isolated fault (a bad batch, a NaN) costs a few steps, not the rest of the
+            run. Another cut while giving back lowers the target by its backoff, so
+            repeated events ratchet the lr down. Part of recovery.
         cooldown_steps: steps after a spike or skip during which the multiplier does not grow.
 
     Explosion guard, on z = log(grad_norm):
@@ -126,6 +131,7 @@ class ControllerOptions:
     growth_rate: float = 0.05
     recovery_deadband: float = 0.1
     cap_approach: float = 0.1
+    restore_after_event: bool = True
     cooldown_steps: int = 10
 
     norm_decay: float = 0.95

@@ -187,7 +187,13 @@ def test_replace_rejects_an_unknown_name() -> None:
 
 def test_component_flags_are_every_bool_option_but_telemetry_experimental_and_distributed_ones() -> None:
     bool_options = {f.name for f in fields(ControllerOptions) if str(f.type) == "bool"}
-    assert bool_options == {*COMPONENTS, "track_successive_cosine", "anneal", "sync_ranks"}
+    assert bool_options == {
+        *COMPONENTS,
+        "track_successive_cosine",
+        "anneal",
+        "sync_ranks",
+        "restore_after_event",
+    }
 
 
 @pytest.mark.parametrize("flag", COMPONENTS)

@@ -774,6 +774,69 @@ def test_cap_approach_does_not_act_on_negative_mean_cosine() -> None:
     assert all(after < before for before, after in itertools.pairwise(multipliers))
 
 
+def _spiked(options: ControllerOptions) -> tuple[Decision, ControllerState, float]:
+    """A steady run, then one spike: (the spike's decision, the state after it, the multiplier before)."""
+    _, state = feed(steady_norms(), options, grad_cosine=0.0)
+    before = state.lr_multiplier
+    spiked, state = decide(Signals(grad_norm=1e6, grad_cosine=0.0), state, options, SGD)
+    assert spiked.event == "spike"
+    return spiked, state, before
+
+
+def test_an_isolated_spike_cut_is_given_back_after_a_quiet_cooldown() -> None:
+    options = only("spike_guard", "recovery", cooldown_steps=5)
+    spiked, state, before = _spiked(options)
+    assert spiked.lr_multiplier == pytest.approx(before * options.spike_backoff)
+    give_back = math.ceil(math.log(1 / options.spike_backoff) / options.growth_rate)
+    decisions, state = feed(
+        [1.0] * (options.cooldown_steps + give_back), options, state=state, grad_cosine=0.0
+    )
+    multipliers = [d.lr_multiplier for d in decisions]
+    assert multipliers[: options.cooldown_steps] == [spiked.lr_multiplier] * options.cooldown_steps
+    assert all(m <= before * (1 + REL_TOL) for m in multipliers)
+    assert multipliers[-1] == pytest.approx(before, rel=REL_TOL)
+    assert state.restore_multiplier is None
+
+
+def test_a_skip_cut_is_given_back_after_a_quiet_cooldown() -> None:
+    options = only("skip_nonfinite", "recovery", cooldown_steps=3)
+    skipped, state = decide(Signals(grad_norm=math.nan), init_state(options), options, SGD)
+    assert skipped.skip
+    decisions, _ = feed([1.0] * 40, options, state=state, grad_cosine=0.0)
+    assert decisions[-1].lr_multiplier == pytest.approx(options.initial_lr_multiplier, rel=REL_TOL)
+
+
+def test_a_spike_while_giving_back_lowers_the_target_by_the_backoff() -> None:
+    options = only("spike_guard", "recovery", cooldown_steps=5)
+    _, state, before = _spiked(options)
+    _, state = feed([1.0] * (options.cooldown_steps + 2), options, state=state, grad_cosine=0.0)
+    assert state.lr_multiplier < before  # still giving back
+    again, state = decide(Signals(grad_norm=1e6, grad_cosine=0.0), state, options, SGD)
+    assert again.event == "spike"
+    decisions, _ = feed([1.0] * 200, options, state=state, grad_cosine=0.0)
+    assert decisions[-1].lr_multiplier == pytest.approx(before * options.spike_backoff, rel=REL_TOL)
+
+
+def test_without_restore_after_event_a_cut_is_kept_when_nothing_else_grows_it() -> None:
+    options = only("spike_guard", "recovery", cooldown_steps=5, restore_after_event=False)
+    spiked, state, _ = _spiked(options)
+    decisions, _ = feed([1.0] * 100, options, state=state, grad_cosine=0.0)
+    assert all(d.lr_multiplier == spiked.lr_multiplier for d in decisions)
+
+
+def test_the_secant_after_a_spike_is_not_a_curvature_sample() -> None:
+    options = only("spike_guard", "curvature_governor")
+    _, state = feed(steady_norms(), options, curvature=1.0)
+    spiked, state = decide(Signals(grad_norm=1e6, curvature=1.0), state, options, SGD)
+    assert spiked.event == "spike"
+    curvature = state.curvature
+    # The pair (spike gradient, this gradient) reads a huge secant: it is not a sample.
+    _, state = decide(Signals(grad_norm=1.0, curvature=1e6), state, options, SGD)
+    assert state.curvature == curvature
+    _, state = decide(Signals(grad_norm=1.0, curvature=2.0), state, options, SGD)
+    assert state.curvature != curvature
+
+
 # --- momentum --------------------------------------------------------------------------
 
 

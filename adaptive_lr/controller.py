@@ -14,7 +14,9 @@ Per step, in this order:
 
    z > threshold is a spike: the gradient is clipped to exp(threshold) (clip coefficient
    exp(threshold - z)) and ``multiplier *= spike_backoff``. The statistics are fed
-   min(z, threshold), so one spike does not poison them.
+   min(z, threshold), so one spike does not poison them, and the next step's secant,
+   which pairs the spike's gradient (often from another loss surface: a poisoned
+   batch), is not taken as a curvature sample.
 3. Curvature governor. From the curvature estimate h (secant, smoothed, or the Hessian
    probe when it is larger) it caps the learning rate at ``stability_margin`` times the
    stability bound of the base method with momentum mu:
@@ -37,6 +39,10 @@ Per step, in this order:
    the learning rate is too small and grows; once gradient noise dominates, c ~ 0 and it
    stops; on oscillation beyond the deadband (c < -recovery_deadband) it shrinks. The
    band absorbs the small negative c that noise alone produces (short-horizon bias).
+   With ``restore_after_event``, a spike or skip cut is given back at up to
+   exp(growth_rate) per step once the cooldown has passed without another event, up to
+   the multiplier before the cut; a cut while still giving back lowers that target by
+   the backoff, so events that repeat ratchet the lr down and an isolated one is undone.
    While c > 0 below the curvature cap, the log step is at least
    ``cap_approach * c * log(cap / multiplier)``: a share of the log gap to the stability
    bound is closed per step.

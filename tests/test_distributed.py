@@ -247,3 +247,57 @@ def test_fsdp2_parameters_match_the_single_process_run(
 
 def test_fsdp2_costs_one_all_reduce_per_step_and_one_more_on_the_first(fsdp: list[dict[str, Any]]) -> None:
     assert all(result["calls"] == STEPS + 1 for result in fsdp)
+
+
+# --- DDP checkpoint: save mid-run, resume in new processes ------------------------------
+
+RESUME_AT = 15
+
+
+def _ddp_train(rank: int, model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    half = BATCH // WORLD
+    batches = _batches(STEPS, BATCH)
+    for step in steps:
+        inputs, labels = batches[step]
+        opt.zero_grad()
+        loss = F.cross_entropy(
+            model(inputs[rank * half : (rank + 1) * half]), labels[rank * half : (rank + 1) * half]
+        )
+        loss.backward()
+        opt.step(loss=loss)
+
+
+def _ddp_checkpoint_worker(rank: int, store: str, out: str, phase: str) -> None:
+    _init(rank, store)
+    model = nn.parallel.DistributedDataParallel(_model())
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    if phase == "straight":
+        _ddp_train(rank, model, opt, range(STEPS))
+    elif phase == "first":
+        _ddp_train(rank, model, opt, range(RESUME_AT))
+        if rank == 0:
+            torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, checkpoint)
+        dist.barrier()
+    else:
+        saved = torch.load(checkpoint, weights_only=True)
+        model.module.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        _ddp_train(rank, model, opt, range(RESUME_AT, STEPS))
+    params = [p.detach().clone() for p in model.parameters()]
+    torch.save({"params": params, "multiplier": opt.lr_multiplier}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_resume_from_a_checkpoint_in_new_processes_is_bit_identical(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    straight_dir, resumed_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
+    straight = _spawn(straight_dir, _ddp_checkpoint_worker, "straight")
+    _spawn(resumed_dir, _ddp_checkpoint_worker, "first")
+    (resumed_dir / "store").unlink(missing_ok=True)
+    resumed = _spawn(resumed_dir, _ddp_checkpoint_worker, "second")
+    for rank in range(WORLD):
+        assert resumed[rank]["multiplier"] == straight[rank]["multiplier"]
+        for a, b in zip(straight[rank]["params"], resumed[rank]["params"], strict=True):
+            assert torch.equal(a, b)

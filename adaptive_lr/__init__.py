@@ -25,7 +25,7 @@ from adaptive_lr.schedules import (
     scheduler,
     weight_decay_schedule,
 )
-from adaptive_lr.telemetry import CSVHistoryWriter, StepRecord, write_history_csv
+from adaptive_lr.telemetry import CSVHistoryWriter, ScalarWriterCallback, StepRecord, write_history_csv
 from adaptive_lr.wrapper import AdaptiveOptimizer, wrap
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "ControllerState",
     "Decision",
     "HyperparameterScheduler",
+    "ScalarWriterCallback",
     "Signals",
     "StepRecord",
     "decide",

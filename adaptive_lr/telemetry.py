@@ -1,4 +1,5 @@
-"""Per-step records of what the controller saw and did, and a CSV writer for them."""
+"""Per-step records of what the controller saw and did, and writers for them (CSV, any
+TensorBoard-style ``add_scalar`` writer)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ class StepRecord:
     ``lr`` and ``momentum`` are the values the base optimizer used during its step (first
     param group), after the controller's multiplier and momentum; ``momentum`` is None
     where the base optimizer has no momentum (then only the learning rate is controlled).
-    ``event`` is one of "skip", "spike", "clip", "curvature_cap", "update_cap" or None.
+    ``event`` is one of the controller's EVENTS ("skip", "spike", "clip",
+    "curvature_cap", "update_cap", "anneal") or None.
     """
 
     step: int
@@ -87,3 +89,35 @@ class CSVHistoryWriter:
 
     def __getstate__(self) -> dict:
         raise TypeError("CSVHistoryWriter holds an open file and cannot be pickled or copied")
+
+
+SCALARS = ("lr", "lr_multiplier", "momentum", "grad_norm", "curvature", "grad_cosine", "loss", "clip_coef")
+"""The record fields a scalar writer logs (those that are None at a step are left out)."""
+
+
+class ScalarWriterCallback:
+    """A history callback that logs each record through an ``add_scalar`` writer.
+
+    ``adaptive_lr.wrap(opt, callback=ScalarWriterCallback(SummaryWriter("runs/x")))`` with
+    torch.utils.tensorboard's ``SummaryWriter`` (which needs the ``tensorboard`` package;
+    adaptive_lr itself does not import it), or anything with
+    ``add_scalar(tag, value, global_step)``. Tags: ``{prefix}/{field}`` for `SCALARS`, and
+    ``{prefix}/event/{name}`` = 1.0 at each step with that event.
+    """
+
+    def __init__(self, writer: object, prefix: str = "adaptive_lr") -> None:
+        add_scalar = getattr(writer, "add_scalar", None)
+        if not callable(add_scalar):
+            raise TypeError(
+                f"writer must have an add_scalar(tag, value, global_step) method, got {type(writer).__name__}"
+            )
+        self.writer = writer
+        self.prefix = prefix
+
+    def __call__(self, record: StepRecord) -> None:
+        for name in SCALARS:
+            value = getattr(record, name)
+            if value is not None:
+                self.writer.add_scalar(f"{self.prefix}/{name}", float(value), record.step)  # type: ignore[attr-defined]
+        if record.event is not None:
+            self.writer.add_scalar(f"{self.prefix}/event/{record.event}", 1.0, record.step)  # type: ignore[attr-defined]

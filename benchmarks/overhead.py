@@ -1,29 +1,38 @@
 """Cost of the wrapper: wall time per step and extra memory, wrapped over bare.
 
-    python benchmarks/overhead.py [--sizes 10k 1M] [--optimizers sgd adam] [--threads 1]
-                                  [--repeats 15] [--steps 100] [--warmup 10] [--batch-size 64]
-                                  [--output results/overhead.json]
+    python benchmarks/overhead.py [--sizes 10k 1M] [--depths 4] [--optimizers sgd adam]
+                                  [--threads 1] [--repeats 15] [--large-repeats 5]
+                                  [--steps 100] [--warmup 10] [--batch-size N]
+                                  [--probe-every 100] [--output results/overhead.json]
 
-Model: an MLP of 4 Linear(width, width) layers with ReLU between them, width chosen so the
-parameter count is close to each size; cross-entropy on one fixed random batch (no data
-loading in the loop). Optimizers: SGD(lr=0.01, momentum=0.9) and Adam(lr=1e-3) with torch's
-default options, bare and wrapped by ``adaptive_lr.wrap`` with default options; both are
-called the same way, ``opt.step()``.
+Model: an MLP of --depths Linear(width, width) layers (2 tensors each) with ReLU between
+them, width chosen so the parameter count is close to each size; cross-entropy on one
+fixed random batch (no data loading in the loop); batch 64 below 1M parameters and 256
+from 1M (--batch-size overrides). Optimizers: SGD(lr=0.01, momentum=0.9), Adam(lr=1e-3),
+AdamW(lr=1e-3, weight_decay=0.01). Methods: bare; wrapped by ``adaptive_lr.wrap`` with
+default options; and probing, wrapped with the Hessian probe at every step, which times
+a probing step. The probe mode at cadence K = --probe-every costs, amortised,
+(t_probing + (K - 1) t_wrapped) / K per step: the probe's first call runs up to
+``probe_iterations`` power iterations, later calls start from the last eigenvector and
+stop after a few, which is what a probing step here measures.
 
-Method: torch.set_num_threads(--threads); --warmup steps of each; then --repeats repeats of
---steps steps each, bare and wrapped alternating (ABBA order) so that drift of the machine
-hits both alike. Each repeat gives a time per training step (zero_grad + forward +
-backward + step) and a time per optimizer step (``opt.step()`` alone, summed over the
-repeat). Reported: median [min, max] over the repeats, and the ratio wrapped / bare
-computed per pair of adjacent repeats, median [min, max].
+Method: threads set by torch.set_num_threads(--threads) and the process pinned to that
+many CPUs (Linux); --warmup steps of each method; then repeats (--repeats up to 1M
+parameters, --large-repeats above) of --steps steps each (above 1M proportionally fewer,
+at least 5), the methods in forward then backward order on alternate repeats so that
+drift of the machine hits all alike. Every method is called as ``opt.step(closure)``.
+Each repeat gives a time per training step (the whole call: zero_grad, forward,
+backward, step) and a time per optimizer step (that minus the step's first closure
+call). Reported: median [min, max] over the repeats, and the ratio to bare computed per
+repeat, median [min, max].
 
 Memory: the bytes of the tensors the wrapper owns (its descent buffers, plus Hessian-probe
-vectors when the probe is on) over the parameter bytes, and the base optimizer's state
-over the parameter bytes for comparison. Peak RSS delta (Linux, CPU only): in a fresh
-process per configuration, the peak RSS over --warmup steps minus the RSS just before the
-optimizer is built (model, batch and gradients already allocated). It counts the optimizer
-state, the wrapper's buffers and the transient tensors of a step, as the allocator sees
-them; a single fresh-process reading, so take it to about a MiB.
+vectors in the probe mode) over the parameter bytes, and the base optimizer's state over
+the parameter bytes for comparison. Peak RSS delta (Linux, CPU only): in a fresh process
+per configuration, the peak RSS over --warmup steps minus the RSS just before the
+optimizer is built (model, batch and gradients already allocated). It counts the
+optimizer state, the wrapper's buffers and the transient tensors of a step, as the
+allocator sees them; a single fresh-process reading, so take it to about a MiB.
 """
 
 from __future__ import annotations
@@ -120,6 +129,10 @@ def batch_size_for(size: int, args: argparse.Namespace) -> int:
     return args.batch_size or (256 if size >= LARGE else 64)
 
 
+def repeats_for(size: int, args: argparse.Namespace) -> int:
+    return args.repeats if size <= LARGE else args.large_repeats
+
+
 def steps_for(size: int, args: argparse.Namespace) -> int:
     """--steps up to 1M parameters, then proportionally fewer (at least 5)."""
     return args.steps if size <= LARGE else max(5, round(args.steps * LARGE / size))
@@ -203,7 +216,8 @@ def measure_config(
         m: {"training_step": [], "optimizer_step": []} for m in METHODS
     }
     events: Counter[str] = Counter()
-    for repeat in range(args.repeats):
+    repeats = repeats_for(size, args)
+    for repeat in range(repeats):
         # ABBA order: the methods forward on even repeats and backward on odd ones.
         for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
             training, optimizer_only = run_steps(*setups[method], steps, device)
@@ -318,8 +332,9 @@ def spread(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
 
 def format_tables(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"Time per step, ms: median [min, max] over {args.repeats} repeats (steps per repeat in "
-        f"the table; {args.threads} thread(s)); ratio = method / bare per adjacent pair. wrapped: "
+        f"Time per step, ms: median [min, max] over {args.repeats} repeats ({args.large_repeats} above "
+        f"1M parameters; steps per repeat in the table; {args.threads} thread(s)); "
+        "ratio = method / bare per repeat. wrapped: "
         "default options; probing step: a step that runs the Hessian probe; probe mode: "
         f"curvature_probe_every={args.probe_every}, amortised (t_probing + {args.probe_every - 1} "
         f"t_wrapped) / {args.probe_every}.",
@@ -374,6 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--large-repeats", type=int, default=5, help="repeats above 1M parameters")
     parser.add_argument("--steps", type=int, default=100, help="steps per repeat")
     parser.add_argument("--warmup", type=int, default=10, help="steps before timing")
     parser.add_argument(
@@ -384,7 +400,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process each)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")
     args = parser.parse_args(argv)
-    for name in ("threads", "repeats", "steps", "warmup", "probe_every", "batch_size", "depths"):
+    for name in (
+        "threads",
+        "repeats",
+        "large_repeats",
+        "steps",
+        "warmup",
+        "probe_every",
+        "batch_size",
+        "depths",
+    ):
         value = getattr(args, name)
         if value is not None and min(value if isinstance(value, list) else [value]) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")

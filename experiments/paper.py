@@ -13,7 +13,8 @@ number comes from a placeholder filled from code or records, never typed by hand
 - optional sections, each from its own results (a note saying how to produce it when
   absent): ``{{targets_full}}``, the targets and widths of a second grid (the
   ``targets_all`` config over every task, 11 lrs x 3 seeds); ``{{quadratic_limit}}`` and
-  ``{{overhead}}``, the tables the two benchmarks wrote into their JSON files.
+  ``{{overhead}}`` and ``{{overhead_tensors}}``, the tables the benchmarks wrote into their
+  JSON files.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ TARGETS_COMMAND = (
 )
 BENCHMARK_COMMANDS = {
     "quadratic_limit": "python benchmarks/quadratic_limit.py",
-    "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M 50M --optimizers sgd adamw",
+    "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M 50M --optimizers sgd adamw --threads 2",
+    "overhead_tensors": (
+        "python benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss "
+        "--output results/overhead_tensors.json"
+    ),
 }
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+(?::[a-z0-9_]+)?)\s*\}\}")
 

@@ -25,6 +25,9 @@ WORLD = 2
 STEPS = 30
 NAN_STEP = 12
 """The step at which rank 1 alone hands over a NaN loss (DDP scenario)."""
+NAN_GRAD_STEP = 20
+"""The step at which rank 1 alone has a NaN gradient entry after the gradients' sync."""
+PROBE_EVERY = 7
 BATCH = 32
 
 pytestmark = pytest.mark.skipif(
@@ -61,6 +64,7 @@ def _fields(record: adaptive_lr.StepRecord) -> tuple[Any, ...]:
         record.curvature,
         record.grad_cosine,
         record.loss,
+        record.sharpness,
     )
 
 
@@ -95,19 +99,30 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
     _init(rank, store)
     calls = _counting_all_reduce()
     model = nn.parallel.DistributedDataParallel(_model())
-    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    # The probe runs the closure, whose backward goes through DDP: its products are global.
+    opt = adaptive_lr.wrap(
+        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), curvature_probe_every=PROBE_EVERY
+    )
     half = BATCH // WORLD
     records, local_losses, calls_per_step = [], [], []
     for step, (inputs, labels) in enumerate(_batches(STEPS, BATCH)):
-        opt.zero_grad()
-        loss = F.cross_entropy(
-            model(inputs[rank * half : (rank + 1) * half]), labels[rank * half : (rank + 1) * half]
-        )
-        loss.backward()
-        local_losses.append(loss.item())
-        handed = torch.tensor(math.nan) if (step == NAN_STEP and rank == 1) else loss
+        chunk = slice(rank * half, (rank + 1) * half)
+
+        def closure(x: torch.Tensor = inputs[chunk], y: torch.Tensor = labels[chunk]) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
         before = calls[0]
-        opt.step(loss=handed)
+        if step % PROBE_EVERY == 0:
+            local_losses.append(opt.step(closure).item())
+        else:
+            loss = closure()
+            if step == NAN_GRAD_STEP and rank == 1:
+                next(model.parameters()).grad.view(-1)[0] = math.nan
+            local_losses.append(loss.item())
+            opt.step(loss=torch.tensor(math.nan) if (step == NAN_STEP and rank == 1) else loss)
         calls_per_step.append(calls[0] - before)
         records.append(_record(opt.history[-1]))
     params = [p.detach().clone() for p in model.parameters()]
@@ -138,7 +153,7 @@ def test_ddp_parameters_stay_bit_identical_across_ranks(ddp: list[dict[str, Any]
 
 def test_ddp_loss_signal_is_the_mean_of_the_ranks_local_losses(ddp: list[dict[str, Any]]) -> None:
     for step, record in enumerate(ddp[0]["records"]):
-        if step == NAN_STEP:
+        if step in (NAN_STEP, NAN_GRAD_STEP):
             continue
         mean = (ddp[0]["losses"][step] + ddp[1]["losses"][step]) / WORLD
         assert record[7] == pytest.approx(mean, rel=1e-6)
@@ -151,14 +166,31 @@ def test_ddp_nonfinite_loss_on_one_rank_makes_every_rank_skip_that_step(ddp: lis
         assert record[2] == "skip"
         assert record[7] == "nan"
     skipped = [step for step, record in enumerate(ddp[0]["records"]) if record[2] == "skip"]
-    assert skipped == [NAN_STEP]
+    assert skipped == [NAN_STEP, NAN_GRAD_STEP]
+
+
+def test_ddp_nonfinite_gradient_on_one_rank_makes_every_rank_skip_that_step(
+    ddp: list[dict[str, Any]],
+) -> None:
+    for rank in range(WORLD):
+        record = ddp[rank]["records"][NAN_GRAD_STEP]
+        assert record[2] == "skip"
+        assert record[4] == "nan"  # the reduced gradient norm
+
+
+def test_ddp_probe_on_local_batches_measures_the_same_sharpness_on_every_rank(
+    ddp: list[dict[str, Any]],
+) -> None:
+    probed = [step for step, record in enumerate(ddp[0]["records"]) if record[8] is not None]
+    assert probed == list(range(0, STEPS, PROBE_EVERY))
+    assert [record[8] for record in ddp[1]["records"]] == [record[8] for record in ddp[0]["records"]]
 
 
 def test_ddp_costs_one_all_reduce_per_step_and_one_more_on_the_first(ddp: list[dict[str, Any]]) -> None:
     for rank in range(WORLD):
         calls = ddp[rank]["calls"]
         assert calls[0] == 2  # the signals, and the update guard's first-step check
-        assert calls[1:] == [1] * (STEPS - 1)
+        assert calls[1:] == [1] * (STEPS - 1)  # the probe needs none: DDP syncs its products
 
 
 # --- FSDP2 ----------------------------------------------------------------------------

@@ -19,12 +19,12 @@ stop after a few, which is what a probing step here measures.
 Method: threads set by torch.set_num_threads(--threads) and the process pinned to that
 many CPUs (Linux); --warmup steps of each method; then repeats (--repeats up to 1M
 parameters, --large-repeats above) of --steps steps each (above 1M proportionally fewer,
-at least 5), the methods in forward then backward order on alternate repeats so that
-drift of the machine hits all alike. Every method is called as ``opt.step(closure)``.
-Each repeat gives a time per training step (the whole call: zero_grad, forward,
-backward, step) and a time per optimizer step (that minus the step's first closure
-call). Reported: median [min, max] over the repeats, and the ratio to bare computed per
-repeat, median [min, max].
+at least 5; probing steps: a tenth of that, at least 5), the methods in forward then
+backward order on alternate repeats so that drift of the machine hits all alike. Every
+method is called as ``opt.step(closure)``. Each repeat gives a time per training step
+(the whole call: zero_grad, forward, backward, step) and a time per optimizer step (that
+minus the step's first closure call). Reported: median [min, max] over the repeats, and
+the ratio to bare computed per repeat, median [min, max].
 
 Memory: the bytes of the tensors the wrapper owns (its descent buffers, plus Hessian-probe
 vectors in the probe mode) over the parameter bytes, and the base optimizer's state over
@@ -220,7 +220,9 @@ def measure_config(
     for repeat in range(repeats):
         # ABBA order: the methods forward on even repeats and backward on odd ones.
         for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
-            training, optimizer_only = run_steps(*setups[method], steps, device)
+            # A probing step costs several forward/backward passes: a tenth as many of them.
+            count = max(5, steps // 10) if method == "probe" else steps
+            training, optimizer_only = run_steps(*setups[method], count, device)
             times[method]["training_step"].append(training)
             times[method]["optimizer_step"].append(optimizer_only)
             if method == "wrapped":  # Outside the timed loop; the history keeps the last 1000 steps.

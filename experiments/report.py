@@ -42,8 +42,9 @@ from experiments.summary import (
 )
 from experiments.tasks import TASKS
 
-TARGET_METHODS = ("adaptive_sgd", "adaptive_adam")
-"""The methods the issue sets targets for (item 7)."""
+TARGET_METHODS = ("adaptive_sgd", "adaptive_adam", "adaptive_sgd_cosine", "adaptive_adam_cosine")
+"""The methods the issue sets targets for (item 7): adaptive_lr with defaults over SGD
+momentum and over Adam, alone and under the user's cosine schedule."""
 TARGET_WIDTH = (8, 11)
 """Robustness width target: 8 of an 11-point grid; on another grid, the same share, rounded up."""
 EVENT_MARKERS = {

@@ -1,7 +1,9 @@
-"""Shared test set-up: a derandomized, bounded hypothesis profile for CI."""
+"""Shared test set-up: a derandomized, bounded hypothesis profile for CI, and a seeded torch."""
 
 import os
 
+import pytest
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -14,3 +16,9 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch() -> None:
+    """Every test starts from the same torch RNG state, whatever ran before it."""
+    torch.manual_seed(0)

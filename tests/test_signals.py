@@ -33,11 +33,18 @@ def run_gd(a, x, lr, steps, **options):
     return opt
 
 
-def test_dots_are_the_per_tensor_dot_products():
-    xs = [torch.randn(12), torch.randn(5)]
-    ys = [torch.randn(12), torch.randn(5)]
-    expected = [(x * y).sum().item() for x, y in zip(xs, ys, strict=True)]
-    assert dots(xs, ys).tolist() == pytest.approx(expected, rel=1e-6)
+@pytest.mark.parametrize("seed", range(5))
+def test_dots_are_the_per_tensor_dot_products(seed):
+    generator = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(12, generator=generator), torch.randn(5, generator=generator)]
+    ys = [torch.randn(12, generator=generator), torch.randn(5, generator=generator)]
+    got = dots(xs, ys).tolist()
+    for value, x, y in zip(got, xs, ys, strict=True):
+        exact = torch.dot(x.double(), y.double()).item()
+        # float32 summation: the error scales with sum |x_i y_i|, not with the (possibly
+        # cancelling) result.
+        scale = (x.double() * y.double()).abs().sum().item()
+        assert abs(value - exact) <= 1e-6 * scale
 
 
 def test_grad_norm_and_group_norms_match_torch_clip_grad_norm():

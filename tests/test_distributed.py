@@ -333,3 +333,29 @@ def test_ddp_resume_from_a_checkpoint_in_new_processes_is_bit_identical(
         assert resumed[rank]["multiplier"] == straight[rank]["multiplier"]
         for a, b in zip(straight[rank]["params"], resumed[rank]["params"], strict=True):
             assert torch.equal(a, b)
+
+
+# --- FSDP2 with the default sampled signals on a wider model ---------------------------
+
+
+def _fsdp_sampled_worker(rank: int, store: str, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _init(rank, store)
+    torch.manual_seed(0)
+    # The 96 x 96 weight's shards hold 4608 elements each: with min_sample_size=1024 the
+    # secant signals read a 1024-element block of each rank's shard.
+    model = nn.Sequential(nn.Linear(8, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 3))
+    mesh = init_device_mesh("cpu", (WORLD,))
+    fully_shard(model, mesh=mesh)
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), min_sample_size=1024)
+    records = _fsdp_step_records(model, opt, rank, WORLD)
+    torch.save({"records": records}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_ranks_decide_alike_with_sampled_signals(tmp_path_factory: pytest.TempPathFactory) -> None:
+    first, second = _spawn(tmp_path_factory.mktemp("fsdp_sampled"), _fsdp_sampled_worker)
+    assert first["records"] == second["records"]
+    assert any(record[5] is not None for record in first["records"])  # curvature was measured

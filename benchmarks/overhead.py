@@ -19,7 +19,7 @@ stop after a few, which is what a probing step here measures.
 Method: threads set by torch.set_num_threads(--threads) and the process pinned to that
 many CPUs (Linux); --warmup steps of each method; then repeats (--repeats up to 1M
 parameters, --large-repeats above) of --steps steps each (above 1M proportionally fewer,
-at least 5; probing steps: a tenth of that, at least 5), the methods in forward then
+at least 5; probing steps: a tenth of that, at least 2), the methods in forward then
 backward order on alternate repeats so that drift of the machine hits all alike. Every
 method is called as ``opt.step(closure)``. Each repeat gives a time per training step
 (the whole call: zero_grad, forward, backward, step) and a time per optimizer step (that
@@ -221,7 +221,7 @@ def measure_config(
         # ABBA order: the methods forward on even repeats and backward on odd ones.
         for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
             # A probing step costs several forward/backward passes: a tenth as many of them.
-            count = max(5, steps // 10) if method == "probe" else steps
+            count = max(2, steps // 10) if method == "probe" else steps
             training, optimizer_only = run_steps(*setups[method], count, device)
             times[method]["training_step"].append(training)
             times[method]["optimizer_step"].append(optimizer_only)

@@ -12,9 +12,9 @@ number comes from a placeholder filled from code or records, never typed by hand
 - ``{{provenance}}``: the commands, the results file, the machine and the code version;
 - optional sections, each from its own results (a note saying how to produce it when
   absent): ``{{targets_full}}``, the targets and widths of a second grid (the
-  ``targets_all`` config over every task, 11 lrs x 3 seeds); ``{{quadratic_limit}}`` and
-  ``{{overhead}}`` and ``{{overhead_tensors}}``, the tables the benchmarks wrote into their
-  JSON files.
+  ``targets_all`` config over every task, 11 lrs x 3 seeds); ``{{quadratic_limit}}``,
+  ``{{overhead}}``, ``{{overhead_50m}}`` and ``{{overhead_tensors}}``, the tables the
+  benchmarks wrote into their JSON files.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ TARGETS_COMMAND = (
 )
 BENCHMARK_COMMANDS = {
     "quadratic_limit": "python benchmarks/quadratic_limit.py",
-    "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M 50M --optimizers sgd adamw --threads 2",
+    "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M --optimizers sgd adamw --threads 2",
+    "overhead_50m": (
+        "python benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 3 "
+        "--warmup 2 --no-rss --output results/overhead_50m.json"
+    ),
     "overhead_tensors": (
         "python benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss "
         "--output results/overhead_tensors.json"

@@ -44,8 +44,8 @@ paper-full: $(VENV)/.installed
 	$(PY) benchmarks/quadratic_limit.py --output results/quadratic_limit.json
 	$(PY) benchmarks/overhead.py --sizes 10k 1M 10M --optimizers sgd adamw --threads 2 --output results/overhead.json
 	$(PY) benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 3 --warmup 2 \
-		--no-rss --output results/overhead_50m.json
-	$(PY) benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss \
+		--no-rss --output results/overhead_large.json
+	$(PY) benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss --repeats 9 \
 		--output results/overhead_tensors.json
 	$(PY) -m experiments paper --results results/quick --preset quick \
 		--targets-results results/targets_all --benchmarks results

@@ -13,7 +13,7 @@ number comes from a placeholder filled from code or records, never typed by hand
 - optional sections, each from its own results (a note saying how to produce it when
   absent): ``{{targets_full}}``, the targets and widths of a second grid (the
   ``targets_all`` config over every task, 11 lrs x 3 seeds); ``{{quadratic_limit}}``,
-  ``{{overhead}}``, ``{{overhead_50m}}`` and ``{{overhead_tensors}}``, the tables the
+  ``{{overhead}}``, ``{{overhead_large}}`` and ``{{overhead_tensors}}``, the tables the
   benchmarks wrote into their JSON files.
 """
 
@@ -46,13 +46,13 @@ TARGETS_COMMAND = (
 BENCHMARK_COMMANDS = {
     "quadratic_limit": "python benchmarks/quadratic_limit.py",
     "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M --optimizers sgd adamw --threads 2",
-    "overhead_50m": (
+    "overhead_large": (
         "python benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 3 "
-        "--warmup 2 --no-rss --output results/overhead_50m.json"
+        "--warmup 2 --no-rss --output results/overhead_large.json"
     ),
     "overhead_tensors": (
         "python benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss "
-        "--output results/overhead_tensors.json"
+        "--repeats 9 --output results/overhead_tensors.json"
     ),
 }
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+(?::[a-z0-9_]+)?)\s*\}\}")

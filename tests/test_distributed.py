@@ -359,3 +359,29 @@ def test_fsdp2_ranks_decide_alike_with_sampled_signals(tmp_path_factory: pytest.
     first, second = _spawn(tmp_path_factory.mktemp("fsdp_sampled"), _fsdp_sampled_worker)
     assert first["records"] == second["records"]
     assert any(record[5] is not None for record in first["records"])  # curvature was measured
+
+
+def test_the_probe_on_sharded_parameters_is_a_clear_error_and_changes_nothing(monkeypatch) -> None:
+    """Without spawning: the reduction is made to report FSDP2 shards on two ranks."""
+    from adaptive_lr import distributed
+
+    monkeypatch.setattr(
+        distributed.RankReduction,
+        "for_tensors",
+        classmethod(lambda cls, tensors, *, enabled: cls(world_size=2, sharded=True)),
+    )
+    model = _model()
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), curvature_probe_every=1)
+    inputs, labels = _batches(1, BATCH)[0]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="does not support sharded \\(FSDP2\\) parameters"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert not opt.state and not opt.history

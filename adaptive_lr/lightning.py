@@ -59,9 +59,10 @@ class AdaptiveLRMonitor(lightning.Callback):
 
 
 def _unwrap(optimizer: Any) -> Any:
-    """Lightning hands out its LightningOptimizer wrapper; the user's optimizer is inside."""
-    return (
-        getattr(optimizer, "optimizer", optimizer)
-        if not isinstance(optimizer, AdaptiveOptimizer)
-        else optimizer
-    )
+    """The user's optimizer, also when Lightning hands out its LightningOptimizer around it.
+
+    (An AdaptiveOptimizer has an ``optimizer`` attribute too, its base: not unwrapped.)
+    """
+    if isinstance(optimizer, AdaptiveOptimizer):
+        return optimizer
+    return getattr(optimizer, "optimizer", optimizer)

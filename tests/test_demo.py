@@ -21,13 +21,7 @@ from adaptive_lr.seed import evaluate, seed_data, seed_network, train
 EPOCH_STEPS = 2048 // 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: fastest for a network 20 units wide, and one fixed order of floating-point sums."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sgd(model: nn.Module, lr: float) -> torch.optim.SGD:

@@ -14,14 +14,7 @@ NEW_TASKS = ["seed_lstm", "rnn_long_range", "digits_cnn", "char_transformer"]
 ADAM_LR = {"seed_lstm": 1e-2, "rnn_long_range": 1e-3, "digits_cnn": 1e-2, "char_transformer": 3e-3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are small: on a loaded 2-core machine a second intra-op thread makes the
-    # RNN tens of times slower, not faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sgd_gradient_norms(lr: float, steps: int) -> list[float]:

@@ -8,7 +8,6 @@ clean wrapped run. The same faults are checked to be real: they break bare SGD.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from experiments import faults
 
@@ -18,12 +17,7 @@ FACTOR = 3.0
 SURVIVABLE = [f for f in faults.FAULTS if f not in ("clean", "sparse_grad")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

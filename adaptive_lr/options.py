@@ -86,7 +86,12 @@ class ControllerOptions:
         stability_margin: the lr is kept below stability_margin x the stability bound.
         curvature_probe_every: run the Hessian power-iteration probe every this many steps
             when step() gets a closure; 0 disables the probe.
-        probe_iterations: Hessian-vector products per probe.
+        probe_iterations: most Hessian-vector products per probe (power iteration; each
+            product is a central difference of gradients, two extra closure calls). Every
+            probe starts from the last one's eigenvector, so across probes the iteration
+            carries on and a few products each suffice.
+        probe_tolerance: a probe stops early once its Rayleigh quotient changes by at
+            most this fraction between products.
         sample_fraction: fraction of each large tensor's coordinates (one contiguous block)
             on which the secant signals are measured; 1.0 measures every coordinate.
         min_sample_size: tensors with at most this many elements are measured whole, and
@@ -146,7 +151,8 @@ class ControllerOptions:
     curvature_decay: float = 0.9
     stability_margin: float = 0.5
     curvature_probe_every: int = 0
-    probe_iterations: int = 20
+    probe_iterations: int = 3
+    probe_tolerance: float = 0.01
     sample_fraction: float = 0.0625
     min_sample_size: int = 4096
     track_successive_cosine: bool = False
@@ -198,6 +204,7 @@ class ControllerOptions:
         _in_range("stability_margin", self.stability_margin, low=0.0, high=1.0, low_open=True)
         _in_range("curvature_probe_every", self.curvature_probe_every, low=0)
         _in_range("probe_iterations", self.probe_iterations, low=1)
+        _in_range("probe_tolerance", self.probe_tolerance, low=0.0, low_open=True)
         _in_range("sample_fraction", self.sample_fraction, low=0.0, high=1.0, low_open=True)
         _in_range("min_sample_size", self.min_sample_size, low=1)
         _in_range("anneal_factor", self.anneal_factor, low=0.0, high=1.0, low_open=True)

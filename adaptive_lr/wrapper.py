@@ -299,6 +299,7 @@ class AdaptiveOptimizer(Optimizer):
             closure_hvp(closure, params),
             params,
             iterations=self.options.probe_iterations,
+            tolerance=self.options.probe_tolerance,
             initial=[self._probe_vector[p] for p in params] if warm else None,
         )
         self._probe_vector = dict(zip(params, estimate.vector, strict=True))

@@ -90,6 +90,8 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("stability_margin", INF),
     ("curvature_probe_every", -1),
     ("probe_iterations", 0),
+    ("probe_tolerance", 0.0),
+    ("probe_tolerance", NAN),
     ("min_momentum", -0.01),
     ("min_momentum", 1.0),
     ("min_momentum", NAN),

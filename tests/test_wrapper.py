@@ -613,7 +613,10 @@ def test_probe_measures_the_top_eigenvalue_of_a_quadratic_through_the_training_c
     a = q @ torch.diag(eigenvalues) @ q.T
     x = nn.Parameter(torch.randn(20, dtype=torch.float64))
     opt = adaptive_lr.wrap(
-        torch.optim.SGD([x], lr=1e-3, momentum=0.9), curvature_probe_every=5, probe_iterations=100
+        torch.optim.SGD([x], lr=1e-3, momentum=0.9),
+        curvature_probe_every=5,
+        probe_iterations=100,
+        probe_tolerance=1e-3,
     )
 
     def closure():
@@ -629,6 +632,35 @@ def test_probe_measures_the_top_eigenvalue_of_a_quadratic_through_the_training_c
     opt.step(closure)  # not a probe step
     assert opt.history[-1].sharpness is None
     assert not torch.equal(before[0], x)
+
+
+def test_default_probes_of_a_few_products_each_continue_one_power_iteration_across_steps():
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))
+    eigenvalues = torch.linspace(0.1, 1.0, 30, dtype=torch.float64)  # small gaps: slow to converge
+    a = q @ torch.diag(eigenvalues) @ q.T
+    x = nn.Parameter(torch.randn(30, dtype=torch.float64))
+    opt = adaptive_lr.wrap(torch.optim.SGD([x], lr=1e-3), curvature_probe_every=1)
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        opt.zero_grad()
+        loss = 0.5 * x @ a @ x
+        loss.backward()
+        return loss
+
+    estimates = []
+    for _ in range(40):
+        calls = 0
+        opt.step(closure)
+        estimates.append(opt.history[-1].sharpness)
+        assert calls <= 1 + 2 * opt.options.probe_iterations  # the step's, then two per product
+    top = eigenvalues.max().item()
+    assert estimates[0] < 0.95 * top  # a first probe of 3 products is far from converged
+    assert estimates[-1] == pytest.approx(top, rel=0.02)  # warm starts carry the iteration on
+    assert all(e <= top * (1 + 1e-6) for e in estimates)  # a Rayleigh quotient of a PSD matrix
 
 
 def test_grad_scaler_overflow_steps_never_reach_the_controller_and_norms_are_unscaled():

@@ -63,7 +63,7 @@ with c and so does the stable learning rate: the governor follows it, as it shou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 
 from adaptive_lr.options import ControllerOptions
 
@@ -141,6 +141,21 @@ class ControllerState:
     another loss surface (a poisoned batch), and is not a curvature sample."""
 
 
+_STATE_FIELDS = frozenset(f.name for f in fields(ControllerState))
+
+
+def _evolve(state: ControllerState, **changes: object) -> ControllerState:
+    """``dataclasses.replace`` for the state, minus its cost: replace re-runs ``__init__``
+    over every field, and the rule evolves the state several times a step."""
+    unknown = changes.keys() - _STATE_FIELDS
+    if unknown:
+        raise TypeError(f"ControllerState has no field(s) {sorted(unknown)}")
+    new = object.__new__(ControllerState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
 @dataclass(frozen=True)
 class Decision:
     skip: bool
@@ -170,7 +185,7 @@ def decide(
             options.min_lr_multiplier,
             options.max_lr_multiplier,
         )
-        new_state = replace(
+        new_state = _evolve(
             state,
             step=state.step + 1,
             lr_multiplier=multiplier,
@@ -186,7 +201,7 @@ def decide(
     state, spike_coef = _explosion_guard(signals.grad_norm, state, options)
     if spike_coef < 1.0:
         clip_coef = spike_coef
-        state = replace(state, restore_multiplier=_restore_target(state, options.spike_backoff))
+        state = _evolve(state, restore_multiplier=_restore_target(state, options.spike_backoff))
         multiplier *= options.spike_backoff
         event = "spike"
     finite_norm = math.isfinite(signals.grad_norm)  # (an infinite one only with skip_nonfinite off)
@@ -230,14 +245,14 @@ def decide(
             log_step = max(log_step, min(options.growth_rate, math.log(restore / multiplier)))
         multiplier *= math.exp(log_step)
         if restore is not None and multiplier >= restore:
-            state = replace(state, restore_multiplier=None)
+            state = _evolve(state, restore_multiplier=None)
     if cap is not None and multiplier > cap:
         multiplier = cap
         event = event or cap_event
     multiplier = _clamp(multiplier, options.min_lr_multiplier, options.max_lr_multiplier)
 
     curvature = _governing_curvature(state)
-    new_state = replace(
+    new_state = _evolve(
         state,
         step=state.step + 1,
         lr_multiplier=multiplier,
@@ -277,7 +292,7 @@ def _explosion_guard(
     z = math.log(grad_norm)
     coef = 1.0
     if state.norm_count == 0:
-        return replace(state, log_norm_mean=z, log_norm_var=0.0, norm_count=1), coef
+        return _evolve(state, log_norm_mean=z, log_norm_var=0.0, norm_count=1), coef
     std = max(math.sqrt(state.log_norm_var), options.min_log_std)
     threshold = state.log_norm_mean + options.spike_threshold * std
     if options.spike_guard and state.norm_count >= options.warmup_steps and z > threshold:
@@ -287,7 +302,7 @@ def _explosion_guard(
     delta = z - state.log_norm_mean
     mean = state.log_norm_mean + (1.0 - decay) * delta
     var = decay * (state.log_norm_var + (1.0 - decay) * delta * delta)
-    return replace(state, log_norm_mean=mean, log_norm_var=var, norm_count=state.norm_count + 1), coef
+    return _evolve(state, log_norm_mean=mean, log_norm_var=var, norm_count=state.norm_count + 1), coef
 
 
 def _curvature_sample(signals: Signals, state: ControllerState, context: Context) -> float | None:
@@ -307,7 +322,7 @@ def _track_curvature(
 ) -> ControllerState:
     sample = _curvature_sample(signals, state, context)
     if signals.sharpness is not None and math.isfinite(signals.sharpness):
-        state = replace(state, sharpness=signals.sharpness)
+        state = _evolve(state, sharpness=signals.sharpness)
     if sample is None:
         return state
     decay = options.curvature_decay
@@ -320,7 +335,7 @@ def _track_curvature(
         # Slowly forgetting extremes of the positive samples: the curvature range.
         high = log_sample if high is None else max(log_sample, decay * high + (1 - decay) * log_sample)
         low = log_sample if low is None else min(log_sample, decay * low + (1 - decay) * log_sample)
-    return replace(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
+    return _evolve(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
 
 
 def _track_cosine(signals: Signals, state: ControllerState, options: ControllerOptions) -> ControllerState:
@@ -328,7 +343,7 @@ def _track_cosine(signals: Signals, state: ControllerState, options: ControllerO
     if cosine is None or not math.isfinite(cosine):
         return state
     decay = options.cosine_decay
-    return replace(state, grad_cosine=decay * state.grad_cosine + (1 - decay) * cosine)
+    return _evolve(state, grad_cosine=decay * state.grad_cosine + (1 - decay) * cosine)
 
 
 def _track_stationarity(
@@ -349,7 +364,7 @@ def _track_stationarity(
         and state.last_lr
     )
     if not usable:
-        return replace(state, steps_since_anneal=state.steps_since_anneal + 1), False
+        return _evolve(state, steps_since_anneal=state.steps_since_anneal + 1), False
     mu = state.last_momentum or 0.0
     rhs = (1.0 + mu) / (2.0 * state.last_lr) * signals.step_size**2
     decay = 1.0 - 1.0 / options.anneal_window
@@ -366,8 +381,8 @@ def _track_stationarity(
         and abs(lhs_ema - rhs_ema) <= options.anneal_tolerance * rhs_ema
     )
     if stationary:
-        return replace(state, stationarity_lhs=None, stationarity_rhs=None, steps_since_anneal=0), True
-    return replace(state, stationarity_lhs=lhs_ema, stationarity_rhs=rhs_ema, steps_since_anneal=since), False
+        return _evolve(state, stationarity_lhs=None, stationarity_rhs=None, steps_since_anneal=0), True
+    return _evolve(state, stationarity_lhs=lhs_ema, stationarity_rhs=rhs_ema, steps_since_anneal=since), False
 
 
 def _governing_curvature(state: ControllerState) -> float | None:
@@ -448,12 +463,12 @@ def first_step_scale(
     """
     if param_norm <= 0.0 or not math.isfinite(param_norm):
         return 1.0, state  # Zero-initialised parameters give no yardstick yet.
-    state = replace(state, reference_norm=param_norm)
+    state = _evolve(state, reference_norm=param_norm)
     limit = options.max_update_ratio * param_norm
     if not options.update_guard or not math.isfinite(step_size) or step_size <= limit:
         return 1.0, state
     scale = max(limit / step_size, options.min_lr_multiplier / state.lr_multiplier)
-    return scale, replace(
+    return scale, _evolve(
         state,
         lr_multiplier=state.lr_multiplier * scale,
         last_lr=None if state.last_lr is None else state.last_lr * scale,

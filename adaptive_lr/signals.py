@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from adaptive_lr.controller import Signals
-from adaptive_lr.distributed import RankReduction, local
+from adaptive_lr.distributed import RankReduction, is_dtensor, local
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over tensors.
 
@@ -65,6 +65,10 @@ def _flat(t: Tensor) -> Tensor:
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.reshape(-1)
+
+
+def _block(flat: Tensor, offset: int, length: int) -> Tensor:
+    return flat if length == flat.numel() else flat[offset : offset + length]
 
 
 def _stack(scalars: Sequence[Tensor]) -> Tensor:
@@ -158,6 +162,16 @@ class Trajectory:
         """Estimate of ||d||^2."""
         self.last_grad: dict[Tensor, Tensor] = {}
         """Sampled g_{t-1} per parameter (unclipped), for the successive-gradient cosine."""
+        self._param_blocks: dict[Tensor, tuple[int, Tensor]] = {}
+        """(data_ptr, sampled view) per plain-tensor parameter: the views of x are reused
+        while the parameter keeps its storage (in-place updates, load_state_dict)."""
+        self._weights: tuple[tuple[int, ...], Tensor] | None = None
+        """The weights tensor of the last step's parameters, keyed by their ids."""
+
+    def __getstate__(self) -> dict:
+        # The cached views are not copied (deepcopy, pickle): a copy rebuilds them for its
+        # own parameters, and views made under no_grad cannot be deep-copied anyway.
+        return {**self.__dict__, "_param_blocks": {}, "_weights": None}
 
     @property
     def ready(self) -> bool:
@@ -179,22 +193,31 @@ class Trajectory:
 
     def prepare(self, view: GradientView) -> StepSample:
         """The sampled blocks of this step's parameters and gradients."""
-        param_blocks, grad_blocks, weights = [], [], []
+        param_blocks, grad_blocks = [], []
         for p, g, position in zip(view.params, view.grads, view.positions, strict=True):
             self.place(p, position)
-            offset, length, weight = self.blocks[p]
-            flat_p, flat_g = _flat(p), _flat(g)
-            if length == flat_p.numel():
-                param_blocks.append(flat_p)
-                grad_blocks.append(flat_g)
-            else:
-                param_blocks.append(flat_p[offset : offset + length])
-                grad_blocks.append(flat_g[offset : offset + length])
-            weights.append(weight)
-        device = view.params[0].device if view.params else None
-        return StepSample(
-            view.params, param_blocks, grad_blocks, torch.tensor(weights, dtype=torch.float64, device=device)
-        )
+            offset, length, _ = self.blocks[p]
+            param_blocks.append(self._param_block(p, offset, length))
+            grad_blocks.append(_block(_flat(g), offset, length))
+        return StepSample(view.params, param_blocks, grad_blocks, self._weights_of(view.params))
+
+    def _param_block(self, p: Tensor, offset: int, length: int) -> Tensor:
+        if is_dtensor(p):  # its local shard is looked up afresh each step
+            return _block(_flat(p), offset, length)
+        pointer = p.data_ptr()
+        cached = self._param_blocks.get(p)
+        if cached is None or cached[0] != pointer:
+            cached = (pointer, _block(_flat(p), offset, length))
+            self._param_blocks[p] = cached
+        return cached[1]
+
+    def _weights_of(self, params: list[Tensor]) -> Tensor:
+        key = tuple(map(id, params))
+        if self._weights is None or self._weights[0] != key:
+            device = params[0].device if params else None
+            weights = [self.blocks[p][2] for p in params]
+            self._weights = (key, torch.tensor(weights, dtype=torch.float64, device=device))
+        return self._weights[1]
 
     def snapshot(self, sample: StepSample) -> None:
         """Keep x_t's sample in the descent buffers before the inner step."""

@@ -1134,3 +1134,14 @@ def test_with_anneal_on_recovery_only_raises_the_multiplier(anneal: bool) -> Non
         assert decisions[-1].lr_multiplier == options.initial_lr_multiplier
     else:
         assert decisions[-1].lr_multiplier < options.initial_lr_multiplier
+
+
+def test_evolving_the_state_changes_only_the_named_fields_and_rejects_unknown_ones():
+    from adaptive_lr.controller import _evolve
+
+    state = ControllerState(step=3, curvature=2.0)
+    evolved = _evolve(state, step=4, grad_cosine=0.5)
+    assert evolved == replace(state, step=4, grad_cosine=0.5)
+    assert state.step == 3  # the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        _evolve(state, stpe=4)

@@ -716,3 +716,22 @@ def test_resume_with_the_successive_cosine_tracked_continues_bit_for_bit(tmp_pat
     assert [r.successive_grad_cosine for r in list(opt_a.history)[5:]] == [
         r.successive_grad_cosine for r in opt_b.history
     ]
+
+
+def test_signals_follow_a_parameter_whose_storage_is_replaced_between_steps():
+    """The sampled views of x are cached; `p.data = ...` must not leave them reading stale storage."""
+    data = list(batches(8))
+    runs = []
+    for replace_storage in (False, True):
+        model = make_model()
+        opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), min_sample_size=16)
+        for step, (x, y) in enumerate(data):
+            if replace_storage and step == 4:
+                for p in model.parameters():
+                    p.data = p.data.clone()  # same values, new storage
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        runs.append((model, [(r.curvature, r.grad_cosine, r.lr_multiplier) for r in opt.history]))
+    assert runs[0][1] == runs[1][1]
+    assert params_equal(runs[0][0], runs[1][0])

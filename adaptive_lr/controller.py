@@ -48,8 +48,9 @@ Per step, in this order:
    bound is closed per step.
 5. Momentum. For heavy-ball methods the target is the larger of the user's momentum and
    YellowFin's ``((sqrt(kappa) - 1) / (sqrt(kappa) + 1))**2`` from the range
-   kappa = h_high / h_low of the curvature samples; for EMA-momentum methods it is the
-   user's beta1. It is then
+   kappa = h_high / h_low of the curvature samples (slowly forgetting extremes, decay
+   ``curvature_range_decay``), or that value alone with ``lower_momentum``; for
+   EMA-momentum methods it is the user's beta1. It is then
    lowered on oscillation: ``mu = target * (1 - max(0, -c))`` with c the EMA of
    grad_cosine, and clamped to [min_momentum, max_momentum].
 
@@ -333,8 +334,9 @@ def _track_curvature(
     if sample > 0.0:
         log_sample = math.log(sample)
         # Slowly forgetting extremes of the positive samples: the curvature range.
-        high = log_sample if high is None else max(log_sample, decay * high + (1 - decay) * log_sample)
-        low = log_sample if low is None else min(log_sample, decay * low + (1 - decay) * log_sample)
+        forget = options.curvature_range_decay
+        high = log_sample if high is None else max(log_sample, forget * high + (1 - forget) * log_sample)
+        low = log_sample if low is None else min(log_sample, forget * low + (1 - forget) * log_sample)
     return _evolve(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
 
 
@@ -400,10 +402,10 @@ def _momentum(state: ControllerState, options: ControllerOptions, context: Conte
     if ranged and not context.ema_momentum:
         # ((sqrt(k) - 1) / (sqrt(k) + 1))^2 = tanh(log(k) / 4)^2, which cannot overflow.
         log_kappa = state.log_curvature_high - state.log_curvature_low
-        # The range rule raises momentum on ill-conditioned problems; it never lowers the
-        # user's choice, since under gradient noise the secant samples cluster (their
-        # noise bias is ~ (1 - mu^2) / lr) and would read as a well-conditioned problem.
-        target = max(target, math.tanh(0.25 * log_kappa) ** 2)
+        # By default the range rule raises momentum on ill-conditioned problems and never
+        # lowers the user's choice: the range of recent samples underestimates kappa there.
+        from_range = math.tanh(0.25 * log_kappa) ** 2
+        target = from_range if options.lower_momentum else max(target, from_range)
     value = target * (1.0 - max(0.0, -state.grad_cosine))
     return _clamp(value, options.min_momentum, options.max_momentum)
 

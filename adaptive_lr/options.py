@@ -110,6 +110,14 @@ class ControllerOptions:
 
     Momentum (heavy-ball coefficient, or beta1 of the Adam family):
         min_momentum, max_momentum: bounds of the momentum the controller sets.
+        lower_momentum: heavy ball only: let the curvature-range rule set momentum below
+            the user's value (YellowFin's value alone). Off by default, where the rule only
+            raises it: on ill-conditioned problems the range of recent samples
+            underestimates kappa, and lowering then slows convergence (quadratic at
+            kappa 1000: 186 -> 300 iterations); on well-conditioned or noisy problems it
+            helps (benchmarks/quadratic_limit.py, row adaptive_sgd_lower).
+        curvature_range_decay: per-sample decay of the slowly forgetting extremes of the
+            positive secant samples (the curvature range kappa = h_high / h_low).
         cosine_decay: EMA decay of grad_cosine, the signal of recovery and oscillation.
 
     Telemetry:
@@ -164,6 +172,8 @@ class ControllerOptions:
 
     min_momentum: float = 0.0
     max_momentum: float = 0.99
+    lower_momentum: bool = False
+    curvature_range_decay: float = 0.9
     cosine_decay: float = 0.9
 
     history_size: int = 1000
@@ -212,6 +222,7 @@ class ControllerOptions:
         _in_range("anneal_tolerance", self.anneal_tolerance, low=0.0, low_open=True)
         _in_range("min_momentum", self.min_momentum, low=0.0, high=1.0, high_open=True)
         _in_range("max_momentum", self.max_momentum, low=self.min_momentum, high=1.0, high_open=True)
+        _in_range("curvature_range_decay", self.curvature_range_decay, low=0.0, high=1.0, high_open=True)
         _in_range("cosine_decay", self.cosine_decay, low=0.0, high=1.0, high_open=True)
         _in_range("history_size", self.history_size, low=1)
 

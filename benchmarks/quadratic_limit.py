@@ -18,6 +18,7 @@ reached within --max-iters). Rows:
   1e-4 ... 1 (the grid lr is in the row);
 - adaptive_sgd: adaptive_lr.wrap(SGD(lr=1e-3, momentum=0.9)), default options, untuned;
 - adaptive_sgd_probe: the same with the Hessian probe every 100 steps through the closure;
+- adaptive_sgd_lower: the same with lower_momentum=True, curvature_range_decay=0.999;
 - adaptive_adam: adaptive_lr.wrap(Adam(lr=1e-3)), default options.
 The rates printed next to gd_optimal and heavy_ball_optimal are the theoretical
 (kappa - 1)/(kappa + 1) and (sqrt(kappa) - 1)/(sqrt(kappa) + 1) with the iteration counts
@@ -53,6 +54,9 @@ TARGET_REDUCTION = 1e-6
 ADAM_GRID = tuple(10 ** (e / 2) for e in range(-8, 1))  # 1e-4 ... 1, half decades
 UNTUNED_LR = 1e-3
 PROBE_EVERY = 100
+LOWER_MOMENTUM = {"lower_momentum": True, "curvature_range_decay": 0.999}
+"""The adaptive_sgd_lower row: momentum from the curvature range alone (it may go below
+the user's 0.9), over extremes that are forgotten slowly."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,11 @@ def method_factories(adam_lr: float) -> dict[str, Callable[[Quadratic], Optimize
         "adaptive_sgd_probe": lambda _: (
             lambda params: adaptive_lr.wrap(
                 torch.optim.SGD(params, lr=UNTUNED_LR, momentum=0.9), curvature_probe_every=PROBE_EVERY
+            )
+        ),
+        "adaptive_sgd_lower": lambda _: (
+            lambda params: adaptive_lr.wrap(
+                torch.optim.SGD(params, lr=UNTUNED_LR, momentum=0.9), **LOWER_MOMENTUM
             )
         ),
         "adaptive_adam": lambda _: lambda params: adaptive_lr.wrap(torch.optim.Adam(params, lr=UNTUNED_LR)),

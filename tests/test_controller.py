@@ -900,6 +900,24 @@ def test_curvature_range_never_lowers_the_users_momentum() -> None:
     assert decision.momentum == user_momentum
 
 
+def test_lower_momentum_lets_the_curvature_range_set_momentum_below_the_users() -> None:
+    user_momentum = 0.9
+    decision, state = curvature_range_momentum([1.0, 2.0, 1.0, 2.0], user_momentum, lower_momentum=True)
+    kappa = math.exp(state.log_curvature_high - state.log_curvature_low)
+    assert decision.momentum < user_momentum
+    assert math.isclose(decision.momentum, yellowfin_momentum(kappa), rel_tol=REL_TOL)
+
+
+@given(forget=st.floats(0.5, 0.99), later=st.integers(1, 50))
+def test_a_slower_range_decay_keeps_the_curvature_range_at_least_as_wide(forget: float, later: int) -> None:
+    samples = [1.0, 100.0] + [10.0] * later
+    _, fast = curvature_range_momentum(samples, 0.9, curvature_range_decay=forget)
+    _, slow = curvature_range_momentum(samples, 0.9, curvature_range_decay=1 - (1 - forget) / 10)
+    width = lambda s: s.log_curvature_high - s.log_curvature_low  # noqa: E731
+    assert width(slow) >= width(fast) - 1e-12
+    assert width(fast) <= math.log(100.0) + 1e-12
+
+
 def test_ema_momentum_ignores_the_curvature_range() -> None:
     user_momentum = 0.1
     decision, _ = curvature_range_momentum([1.0, 1e4, 1.0, 1e4], user_momentum, ema_momentum=True)
@@ -908,10 +926,10 @@ def test_ema_momentum_ignores_the_curvature_range() -> None:
 
 def test_momentum_rule_survives_the_widest_curvature_range() -> None:
     # Secant samples are float64 ratios: any positive finite float is a possible sample.
-    # With slowly forgetting extremes (curvature_decay 0.99) kappa reaches ~1e627, whose
-    # square root no float holds; the rule must still give the limit of YellowFin's formula.
+    # With slowly forgetting extremes (curvature_range_decay 0.99) kappa reaches ~1e627,
+    # whose square root no float holds; the rule must still give the limit of YellowFin's formula.
     samples = [5e-324, 1.7e308] * 2
-    decision, _ = curvature_range_momentum(samples, user_momentum=0.0, curvature_decay=0.99)
+    decision, _ = curvature_range_momentum(samples, user_momentum=0.0, curvature_range_decay=0.99)
     assert math.isclose(decision.momentum, ControllerOptions().max_momentum, rel_tol=REL_TOL)
 
 

@@ -92,6 +92,8 @@ OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("probe_iterations", 0),
     ("probe_tolerance", 0.0),
     ("probe_tolerance", NAN),
+    ("curvature_range_decay", 1.0),
+    ("curvature_range_decay", -0.1),
     ("min_momentum", -0.01),
     ("min_momentum", 1.0),
     ("min_momentum", NAN),
@@ -195,6 +197,7 @@ def test_component_flags_are_every_bool_option_but_telemetry_experimental_and_di
         "anneal",
         "sync_ranks",
         "restore_after_event",
+        "lower_momentum",  # variants of a component's rule, not components
     }
 
 

@@ -61,7 +61,8 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _flat(t: Tensor) -> Tensor:
-    t = local(t)  # a DTensor's own shard: sums over it are this rank's part
+    if type(t) is not Tensor:  # (the check alone is cheaper than local's)
+        t = local(t)  # a DTensor's own shard: sums over it are this rank's part
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.reshape(-1)
@@ -73,10 +74,12 @@ def _block(flat: Tensor, offset: int, length: int) -> Tensor:
 
 def _stack(scalars: Sequence[Tensor]) -> Tensor:
     """0-d tensors into one float64 vector on the first one's device."""
-    device, dtype = scalars[0].device, scalars[0].dtype
-    if all(s.device == device and s.dtype == dtype for s in scalars):
-        return torch.stack(list(scalars)).to(torch.float64)  # the common case: one cast
-    return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
+    try:
+        # One device (the common case): stack promotes mixed float dtypes exactly, then one cast.
+        return torch.stack(list(scalars)).to(torch.float64)
+    except RuntimeError:  # several devices
+        device = scalars[0].device
+        return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ class GradientView:
                         "parameters to a separate, unwrapped optimizer"
                     )
                 params.append(p)
-                grads.append(local(p.grad))
+                grad = p.grad
+                grads.append(grad if type(grad) is Tensor else local(grad))
                 positions.append(position - 1)
             bounds.append((start, len(params)))
         return cls(params, grads, positions, bounds)

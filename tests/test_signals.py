@@ -47,6 +47,19 @@ def test_dots_are_the_per_tensor_dot_products(seed):
         assert abs(value - exact) <= 1e-6 * scale
 
 
+def test_gradient_norm_over_parameters_of_mixed_float_dtypes_matches_float64_within_their_rounding():
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    params = [nn.Parameter(torch.zeros(5, dtype=dtype)) for dtype in dtypes]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(5, generator=g).to(p.dtype)
+    opt = adaptive_lr.wrap(torch.optim.SGD(params, lr=0.1))
+    opt.step()
+    exact = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+    # Each tensor's norm comes in its own dtype, as in clip_grad_norm_: float16's 2^-11.
+    assert opt.history[-1].grad_norm == pytest.approx(exact, rel=2**-10)
+
+
 def test_grad_norm_and_group_norms_match_torch_clip_grad_norm():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     model(torch.randn(5, 4)).pow(2).sum().backward()

@@ -1,0 +1,180 @@
+"""Where the wrapper's time goes in one optimizer step, phase by phase.
+
+    python benchmarks/step_phases.py [--size 1M] [--depths 4 64] [--optimizer sgd]
+                                     [--threads 2] [--calls 300] [--repeats 5]
+                                     [--output results/step_phases.json]
+
+On the MLPs of benchmarks/overhead.py (``--depths`` Linear layers, batch 256, gradients
+from one real forward/backward), it times each phase of ``AdaptiveOptimizer.step`` called
+on its own, as the wrapper calls it (under ``torch.no_grad``): collecting the gradients,
+building the sampled blocks, measuring the signals (and, inside that, the exact gradient
+norm and the secant's dot product), the controller's pure rule, the snapshot of the
+sample before the inner step, the inner optimizer's step, and the secant's scalars after
+it; then the whole wrapped step and the bare one, each fed fresh gradient tensors as after
+``zero_grad(set_to_none=True)``. Each figure is the median [min, max] over ``--repeats``
+of the mean over ``--calls`` calls, in microseconds. The phases do not add up exactly to
+the whole step: timed alone, each finds its data in cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import adaptive_lr
+from adaptive_lr import controller as ctl
+from adaptive_lr.distributed import RankReduction
+from adaptive_lr.signals import GradientView, measure, squared_norms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import OPTIMIZERS, mlp, parse_size
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "step_phases.json"
+BATCH = 256
+WARMUP_STEPS = 5
+
+
+def time_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, float]:
+    """Median, min and max over repeats of the mean time per call [us]."""
+    with torch.no_grad():
+        for _ in range(10):
+            fn()
+        means = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            means.append((time.perf_counter() - started) / calls * 1e6)
+    return {"median": statistics.median(means), "min": min(means), "max": max(means)}
+
+
+def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    model = mlp(size, depth)
+    width = model[0].in_features
+    inputs, labels = torch.randn(BATCH, width), torch.randint(0, width, (BATCH,))
+    bare = OPTIMIZERS[optimizer](mlp(size, depth).parameters())
+    opt = adaptive_lr.wrap(OPTIMIZERS[optimizer](model.parameters()))
+    params = list(model.parameters())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    for _ in range(WARMUP_STEPS):
+        opt.step(closure)
+    loss = closure()
+    groups = opt.param_groups
+    view = GradientView.collect(groups)
+    trajectory = opt._trajectory
+    sample = trajectory.prepare(view)
+    signals, _ = measure(view, trajectory, sample, loss)
+    context = opt._context()
+    grads = [p.grad for p in params]
+    bare_params = [p for g in bare.param_groups for p in g["params"]]
+    for p, g in zip(bare_params, grads, strict=True):
+        p.grad = g.clone()
+
+    def fresh_grads(target: list[torch.Tensor]) -> None:
+        for p, g in zip(target, grads, strict=True):
+            p.grad = g.clone()
+
+    def wrapped_step() -> None:
+        fresh_grads(params)
+        opt.step(loss=loss)
+
+    def bare_step() -> None:
+        fresh_grads(bare_params)
+        bare.step()
+
+    def grad_copies() -> None:
+        fresh_grads(params)
+
+    table = {
+        "collect gradients": lambda: GradientView.collect(groups),
+        "rank reduction": lambda: RankReduction.for_tensors(view.params, enabled=True),
+        "sampled blocks": lambda: trajectory.prepare(view),
+        "measure (one host sync)": lambda: measure(view, trajectory, sample, loss),
+        "  exact gradient norm": lambda: squared_norms(view.grads),
+        "  secant dot product": lambda: trajectory.grad_dot(sample),
+        "controller rule": lambda: ctl.decide(signals, opt._controller_state, opt.options, context),
+        "snapshot of the sample": lambda: trajectory.snapshot(sample),
+        "inner optimizer step": lambda: opt.optimizer.step(),
+        "secant scalars after": lambda: trajectory.finish(sample, 1.0),
+        "fresh gradient copies": grad_copies,
+        "whole wrapped step": wrapped_step,
+        "whole bare step": bare_step,
+    }
+    return {name: time_call(fn, calls, repeats) for name, fn in table.items()}
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    names = list(results[0]["phases"])
+    header = " | ".join(f"{r['parameters'] / 1e6:.2f}M, {r['tensors']} tensors" for r in results)
+    lines = [
+        f"Microseconds per call, median [min, max] over {args.repeats} repeats of {args.calls} "
+        f"calls; {args.optimizer}, {args.threads} thread(s). The whole steps include copying "
+        "in fresh gradients (row 'fresh gradient copies').",
+        "",
+        f"| phase | {header} |",
+        "|---|" + "---:|" * len(results),
+    ]
+    for name in names:
+        cells = []
+        for r in results:
+            t = r["phases"][name]
+            cells.append(f"{t['median']:.1f} [{t['min']:.1f}, {t['max']:.1f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=parse_size("1M"))
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 64])
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    for depth in args.depths:
+        model = mlp(args.size, depth)
+        results.append(
+            {
+                "depth": depth,
+                "tensors": len(list(model.parameters())),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "phases": phases(args.size, depth, args.optimizer, args.calls, args.repeats),
+            }
+        )
+        print(f"  depth {depth} done", file=sys.stderr)
+    table = markdown(results, args)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": "python benchmarks/step_phases.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
+        "results": results,
+        "markdown": table,
+    }
+    args.output.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

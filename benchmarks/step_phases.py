@@ -13,7 +13,10 @@ sample before the inner step, the inner optimizer's step, and the secant's scala
 it; then the whole wrapped step and the bare one, each fed fresh gradient tensors as after
 ``zero_grad(set_to_none=True)``. Each figure is the median [min, max] over ``--repeats``
 of the mean over ``--calls`` calls, in microseconds. The phases do not add up exactly to
-the whole step: timed alone, each finds its data in cache.
+the whole step: timed alone, each finds its data in cache. The spread is over repeats in
+one process; from one process to the next the whole steps at 1M parameters moved by up to
+1.8x on a 2-core machine (memory placement), so compare versions at a small ``--size`` or
+over several runs.
 """
 
 from __future__ import annotations

@@ -191,16 +191,18 @@ def closure_hvp(
                 torch._foreach_add_(params, shift)
             grad_plus = gradient_at_current_params()
             if base is not None:
-                product = torch._foreach_sub(grad_plus, base)
-                torch._foreach_div_(product, eps_per_tensor)
-                return product
+                torch._foreach_sub_(grad_plus, base)  # in place: the product
+                torch._foreach_div_(grad_plus, eps_per_tensor)
+                return grad_plus
             with torch.no_grad():
                 torch._foreach_copy_(params, saved_values)
                 torch._foreach_sub_(params, shift)
+            del shift  # one parameter-sized buffer fewer while the closure runs again
             grad_minus = gradient_at_current_params()
-            product = torch._foreach_sub(grad_plus, grad_minus)
-            torch._foreach_div_(product, torch._foreach_mul(eps_per_tensor, 2.0))
-            return product
+            torch._foreach_sub_(grad_plus, grad_minus)  # in place: the product
+            del grad_minus
+            torch._foreach_div_(grad_plus, torch._foreach_mul(eps_per_tensor, 2.0))
+            return grad_plus
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, saved_values)

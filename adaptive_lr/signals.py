@@ -169,8 +169,8 @@ class Trajectory:
         self._param_blocks: dict[Tensor, tuple[int, Tensor]] = {}
         """(data_ptr, sampled view) per plain-tensor parameter: the views of x are reused
         while the parameter keeps its storage (in-place updates, load_state_dict)."""
-        self._weights: tuple[tuple[int, ...], Tensor] | None = None
-        """The weights tensor of the last step's parameters, keyed by their ids."""
+        self._weights: tuple[tuple, Tensor] | None = None
+        """The weights tensor of the last step's parameters, keyed by device and their ids."""
 
     def __getstate__(self) -> dict:
         # The cached views are not copied (deepcopy, pickle): a copy rebuilds them for its
@@ -216,9 +216,9 @@ class Trajectory:
         return cached[1]
 
     def _weights_of(self, params: list[Tensor]) -> Tensor:
-        key = tuple(map(id, params))
+        device = params[0].device if params else None
+        key = (device, *map(id, params))  # a model moved to another device gets new weights
         if self._weights is None or self._weights[0] != key:
-            device = params[0].device if params else None
             weights = [self.blocks[p][2] for p in params]
             self._weights = (key, torch.tensor(weights, dtype=torch.float64, device=device))
         return self._weights[1]

@@ -918,6 +918,19 @@ def test_a_slower_range_decay_keeps_the_curvature_range_at_least_as_wide(forget:
     assert width(fast) <= math.log(100.0) + 1e-12
 
 
+def test_the_probes_top_eigenvalue_widens_the_curvature_range_from_above() -> None:
+    options = only("momentum_control")
+    context = Context(lr=0.1, momentum=0.1)
+    state = init_state(options)
+    for curvature, sharpness in ((1.0, None), (2.0, None), (1.5, 400.0)):  # the probe at step 3
+        signals = Signals(grad_norm=1.0, curvature=curvature, sharpness=sharpness)
+        decision, state = decide(signals, state, options, context)
+    assert math.isclose(state.log_curvature_high, math.log(400.0), rel_tol=1e-12)
+    kappa = math.exp(state.log_curvature_high - state.log_curvature_low)
+    assert kappa > 300.0  # from the secant samples alone it would be below 2
+    assert math.isclose(decision.momentum, yellowfin_momentum(kappa), rel_tol=REL_TOL)
+
+
 def test_ema_momentum_ignores_the_curvature_range() -> None:
     user_momentum = 0.1
     decision, _ = curvature_range_momentum([1.0, 1e4, 1.0, 1e4], user_momentum, ema_momentum=True)

@@ -21,6 +21,8 @@ reached within --max-iters). Rows:
 - adaptive_sgd_lower: the same with lower_momentum=True, curvature_range_decay=0.999;
 - adaptive_sgd_probe_lower: both, the probe every 100 steps and the lower momentum (the
   probe's top eigenvalue bounds the curvature range from above);
+- adaptive_sgd_full_batch: ControllerOptions.full_batch(), those two with a stability
+  margin of 0.9 and cap_approach 0.5;
 - adaptive_adam: adaptive_lr.wrap(Adam(lr=1e-3)), default options.
 The rates printed next to gd_optimal and heavy_ball_optimal are the theoretical
 (kappa - 1)/(kappa + 1) and (sqrt(kappa) - 1)/(sqrt(kappa) + 1) with the iteration counts
@@ -130,6 +132,12 @@ def method_factories(adam_lr: float) -> dict[str, Callable[[Quadratic], Optimize
                 torch.optim.SGD(params, lr=UNTUNED_LR, momentum=0.9),
                 curvature_probe_every=PROBE_EVERY,
                 **LOWER_MOMENTUM,
+            )
+        ),
+        "adaptive_sgd_full_batch": lambda _: (
+            lambda params: adaptive_lr.wrap(
+                torch.optim.SGD(params, lr=UNTUNED_LR, momentum=0.9),
+                adaptive_lr.ControllerOptions.full_batch(),
             )
         ),
         "adaptive_adam": lambda _: lambda params: adaptive_lr.wrap(torch.optim.Adam(params, lr=UNTUNED_LR)),

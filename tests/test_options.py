@@ -246,3 +246,16 @@ def test_skip_backoff_above_spike_backoff_raises_naming_both() -> None:
 @pytest.mark.parametrize("name", [f.name for f in fields(ControllerOptions)])
 def test_every_option_is_documented_in_the_class_docstring(name: str) -> None:
     assert re.search(rf"\b{name}[:,]", ControllerOptions.__doc__ or "")
+
+
+def test_full_batch_sets_its_documented_settings_and_takes_overrides() -> None:
+    options = ControllerOptions.full_batch()
+    assert options.curvature_probe_every == 100
+    assert options.lower_momentum is True
+    assert options.curvature_range_decay == 0.999
+    assert options.stability_margin == 0.9
+    assert options.cap_approach == 0.5
+    assert all(getattr(options, name) for name in COMPONENTS)  # every component stays on
+    assert ControllerOptions.full_batch(curvature_probe_every=10).curvature_probe_every == 10
+    with pytest.raises(ValueError, match="stability_margin"):
+        ControllerOptions.full_batch(stability_margin=1.5)

@@ -29,6 +29,9 @@ STATE_KEY = "adaptive_lr"
 DESCENT_KEY = "adaptive_lr.descent"
 LAST_GRAD_KEY = "adaptive_lr.last_grad"
 PROBE_KEY = "adaptive_lr.probe_vector"
+COLD_PROBE_FACTOR = 5
+"""A probe from a random start (the first, or after the parameters changed) may run this
+many times ``probe_iterations`` products."""
 FORMAT_VERSION = 1
 
 _PRECONDITIONED = (
@@ -298,7 +301,8 @@ class AdaptiveOptimizer(Optimizer):
         estimate = top_eigenvalue(
             closure_hvp(closure, params),
             params,
-            iterations=self.options.probe_iterations,
+            # A cold start has no earlier iterations to carry on from.
+            iterations=self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR),
             tolerance=self.options.probe_tolerance,
             initial=[self._probe_vector[p] for p in params] if warm else None,
         )

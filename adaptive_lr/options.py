@@ -268,7 +268,7 @@ class ControllerOptions:
         the curvature range alone over slowly forgotten extremes, a stability margin of
         0.9 instead of 0.5 and a faster approach to it. On the quadratics of
         benchmarks/quadratic_limit.py (row adaptive_sgd_full_batch), from SGD(lr=1e-3,
-        momentum=0.9), it needed 38 / 87 / 229 / 502 iterations at kappa 10 / 100 / 1000 /
+        momentum=0.9), it needed 40 / 79 / 172 / 416 iterations at kappa 10 / 100 / 1000 /
         10000 (median of 3 seeds) where optimal heavy ball, which knows L and mu, needs
         12 / 47 / 173 / 619. Under gradient noise or on networks the defaults are the safer
         choice: their margin of 0.5 leaves room for a network's sharpening.

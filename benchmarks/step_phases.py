@@ -29,17 +29,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-import adaptive_lr
 from adaptive_lr import controller as ctl
 from adaptive_lr.distributed import RankReduction
 from adaptive_lr.signals import GradientView, measure, squared_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import OPTIMIZERS, mlp, parse_size
+from overhead import OPTIMIZERS, build, parse_size
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "step_phases.json"
 BATCH = 256
@@ -60,13 +60,11 @@ def time_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, f
     return {"median": statistics.median(means), "min": min(means), "max": max(means)}
 
 
-def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> dict[str, dict[str, float]]:
-    torch.manual_seed(0)
-    model = mlp(size, depth)
-    width = model[0].in_features
-    inputs, labels = torch.randn(BATCH, width), torch.randint(0, width, (BATCH,))
-    bare = OPTIMIZERS[optimizer](mlp(size, depth).parameters())
-    opt = adaptive_lr.wrap(OPTIMIZERS[optimizer](model.parameters()))
+def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> dict[str, Any]:
+    """The model's size and the time of each phase of its wrapped step."""
+    cpu = torch.device("cpu")
+    model, opt, inputs, labels = build(size, depth, optimizer, "wrapped", BATCH, cpu, seed=0)
+    _, bare, _, _ = build(size, depth, optimizer, "bare", BATCH, cpu, seed=0)
     params = list(model.parameters())
 
     def closure() -> torch.Tensor:
@@ -101,9 +99,6 @@ def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> d
         fresh_grads(bare_params)
         bare.step()
 
-    def grad_copies() -> None:
-        fresh_grads(params)
-
     table = {
         "collect gradients": lambda: GradientView.collect(groups),
         "rank reduction": lambda: RankReduction.for_tensors(view.params, enabled=True),
@@ -115,11 +110,16 @@ def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> d
         "snapshot of the sample": lambda: trajectory.snapshot(sample),
         "inner optimizer step": lambda: opt.optimizer.step(),
         "secant scalars after": lambda: trajectory.finish(sample, 1.0),
-        "fresh gradient copies": grad_copies,
+        "fresh gradient copies": lambda: fresh_grads(params),
         "whole wrapped step": wrapped_step,
         "whole bare step": bare_step,
     }
-    return {name: time_call(fn, calls, repeats) for name, fn in table.items()}
+    return {
+        "depth": depth,
+        "tensors": len(params),
+        "parameters": sum(p.numel() for p in params),
+        "phases": {name: time_call(fn, calls, repeats) for name, fn in table.items()},
+    }
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
@@ -155,15 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = []
     for depth in args.depths:
-        model = mlp(args.size, depth)
-        results.append(
-            {
-                "depth": depth,
-                "tensors": len(list(model.parameters())),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "phases": phases(args.size, depth, args.optimizer, args.calls, args.repeats),
-            }
-        )
+        results.append(phases(args.size, depth, args.optimizer, args.calls, args.repeats))
         print(f"  depth {depth} done", file=sys.stderr)
     table = markdown(results, args)
     print(table)

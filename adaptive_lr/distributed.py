@@ -42,6 +42,8 @@ def is_dtensor(t: Tensor) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """The rank-local tensor of a DTensor (a view of its storage); any other tensor as is."""
+    if type(t) is Tensor:  # the common case, decided without the isinstance check (hot path)
+        return t
     return t.to_local() if is_dtensor(t) else t
 
 

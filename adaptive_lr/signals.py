@@ -61,8 +61,7 @@ def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _flat(t: Tensor) -> Tensor:
-    if type(t) is not Tensor:  # (the check alone is cheaper than local's)
-        t = local(t)  # a DTensor's own shard: sums over it are this rank's part
+    t = local(t)  # a DTensor's own shard: sums over it are this rank's part
     if t.is_complex():
         t = torch.view_as_real(t)
     return t.reshape(-1)
@@ -132,8 +131,7 @@ class GradientView:
                         "parameters to a separate, unwrapped optimizer"
                     )
                 params.append(p)
-                grad = p.grad
-                grads.append(grad if type(grad) is Tensor else local(grad))
+                grads.append(local(p.grad))
                 positions.append(position - 1)
             bounds.append((start, len(params)))
         return cls(params, grads, positions, bounds)

@@ -22,7 +22,7 @@ from typing import Any
 
 import lightning
 
-from adaptive_lr.telemetry import SCALARS
+from adaptive_lr.telemetry import scalar_values
 from adaptive_lr.wrapper import AdaptiveOptimizer
 
 
@@ -49,11 +49,8 @@ class AdaptiveLRMonitor(lightning.Callback):
                 continue
             record = history[-1]
             prefix = self.prefix if len(wrapped) == 1 else f"{self.prefix}_{index}"
-            values = {
-                f"{prefix}/{name}": float(getattr(record, name))
-                for name in SCALARS
-                if getattr(record, name) is not None and math.isfinite(getattr(record, name))
-            }
+            scalars = scalar_values(record).items()
+            values = {f"{prefix}/{name}": value for name, value in scalars if math.isfinite(value)}
             values[f"{prefix}/event"] = 0.0 if record.event is None else 1.0
             pl_module.log_dict(values, on_step=True, on_epoch=False)
 

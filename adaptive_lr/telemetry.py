@@ -95,6 +95,12 @@ SCALARS = ("lr", "lr_multiplier", "momentum", "grad_norm", "curvature", "grad_co
 """The record fields a scalar writer logs (those that are None at a step are left out)."""
 
 
+def scalar_values(record: StepRecord) -> dict[str, float]:
+    """The record's `SCALARS` that are not None at this step, as floats."""
+    values = ((name, getattr(record, name)) for name in SCALARS)
+    return {name: float(value) for name, value in values if value is not None}
+
+
 class ScalarWriterCallback:
     """A history callback that logs each record through an ``add_scalar`` writer.
 
@@ -115,9 +121,7 @@ class ScalarWriterCallback:
         self.prefix = prefix
 
     def __call__(self, record: StepRecord) -> None:
-        for name in SCALARS:
-            value = getattr(record, name)
-            if value is not None:
-                self.writer.add_scalar(f"{self.prefix}/{name}", float(value), record.step)  # type: ignore[attr-defined]
+        for name, value in scalar_values(record).items():
+            self.writer.add_scalar(f"{self.prefix}/{name}", value, record.step)  # type: ignore[attr-defined]
         if record.event is not None:
             self.writer.add_scalar(f"{self.prefix}/event/{record.event}", 1.0, record.step)  # type: ignore[attr-defined]

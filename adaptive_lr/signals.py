@@ -13,9 +13,11 @@ tensor's contribution weighted by numel / sampled so the sums estimate the full 
     successive_grad_cosine = <g_t, g_{t-1}> / (||g_t|| ||g_{t-1}||)   (track_successive_cosine)
 
 With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals cheap:
-the buffer for d (and, with ``track_successive_cosine``, for the last gradient) and the
-memory traffic of the secant shrink by the sample fraction (d needs a copy before the
-inner step and a subtraction after it).
+the buffers (d, the sampled gradient, the per-coordinate weights and, with
+``track_successive_cosine``, the last gradient) and the memory traffic of the secant
+shrink by the sample fraction (d needs a copy before the inner step and a subtraction
+after it). The samples of all parameters on a device (of one working dtype) lie end to
+end in one flat buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
 
 For plain gradient descent d = lr g_{t-1}, so grad_cosine is the cosine between
 successive gradients and step_sharpness = lr x curvature. For momentum and adaptive
@@ -42,29 +44,65 @@ from adaptive_lr.distributed import RankReduction, is_dtensor, local
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over tensors.
 
 
-def dots(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """Per-tensor dot products of flat (1-d, real) tensors as a float64 vector.
+_DOT_DTYPES = (torch.float32, torch.float64)
+_DOT_MIN_NUMEL = 1 << 14
+"""Tensors at least this large go through ``torch.dot`` in `squared_norms`."""
 
-    torch has no foreach dot product; one ``torch.dot`` per tensor reads each operand once
-    and allocates nothing parameter-sized.
+
+def squared_norms(tensors: Sequence[Tensor], *, ordered: bool = True) -> Tensor:
+    """Per-tensor squared L2 norms as a float64 vector.
+
+    Large contiguous float32/float64 tensors go through ``torch.dot`` (a BLAS call, about
+    twice as fast on CPU as torch's norm kernel), the others through one foreach norm,
+    which accumulates half-precision tensors in float32. With ``ordered=False`` the vector
+    holds the same values in an unspecified order (enough for a sum, and cheaper).
     """
-    if not xs:
-        return torch.zeros(0, dtype=torch.float64)
-    return _stack([torch.dot(x, y) for x, y in zip(xs, ys, strict=True)])
-
-
-def squared_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """Per-tensor squared L2 norms as a float64 vector (foreach)."""
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    return _stack(torch._foreach_norm(list(tensors))).square()
+    by_dot = [
+        i
+        for i, t in enumerate(tensors)
+        if t.dtype in _DOT_DTYPES and t.numel() >= _DOT_MIN_NUMEL and t.is_contiguous()
+    ]
+    if not by_dot:
+        return _stack(torch._foreach_norm(list(tensors))).square()
+    dot_part = _stack([torch.dot(v, v) for v in (tensors[i].view(-1) for i in by_dot)])
+    if len(by_dot) == len(tensors):
+        return dot_part
+    chosen = set(by_dot)
+    rest = [i for i in range(len(tensors)) if i not in chosen]
+    values = torch.cat([dot_part, _stack(torch._foreach_norm([tensors[i] for i in rest])).square()])
+    if not ordered:
+        return values
+    order = torch.tensor(by_dot + rest, device=values.device)
+    return torch.empty_like(values).index_copy_(0, order, values)
 
 
-def _flat(t: Tensor) -> Tensor:
+def _memory_flat(t: Tensor) -> Tensor | None:
+    """A 1-d view of a dense tensor's elements in memory order, or None if it has none."""
+    if t.is_contiguous():
+        return t.view(-1)
+    # channels_last and other dense layouts: the permutation that makes it contiguous.
+    permuted = t.permute(sorted(range(t.dim()), key=t.stride, reverse=True))
+    return permuted.view(-1) if permuted.is_contiguous() else None
+
+
+def _real(t: Tensor) -> Tensor:
     t = local(t)  # a DTensor's own shard: sums over it are this rank's part
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t.reshape(-1)
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _flat_pair(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Flat parameter and gradient with matching coordinates, and whether the parameter's
+    is a view of it (else a copy, which must be taken again after the step)."""
+    p, g = _real(p), _real(g)
+    if p.is_contiguous() and g.is_contiguous():
+        return p.view(-1), g.view(-1), True
+    if p.stride() == g.stride():
+        flat_p, flat_g = _memory_flat(p), _memory_flat(g)
+        if flat_p is not None and flat_g is not None:
+            return flat_p, flat_g, True
+    return p.reshape(-1), g.reshape(-1), False  # logical order: copies
 
 
 def _block(flat: Tensor, offset: int, length: int) -> Tensor:
@@ -79,6 +117,17 @@ def _stack(scalars: Sequence[Tensor]) -> Tensor:
     except RuntimeError:  # several devices
         device = scalars[0].device
         return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
+
+
+def _total(scalars: list[Tensor]) -> Tensor:
+    """The sum of per-segment scalars (zero for none)."""
+    if not scalars:
+        return torch.zeros((), dtype=torch.float64)
+    return scalars[0] if len(scalars) == 1 else _stack(scalars).sum()
+
+
+def _same(a: Sequence[Tensor], b: Sequence[Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 @dataclass(frozen=True)
@@ -137,150 +186,310 @@ class GradientView:
         return cls(params, grads, positions, bounds)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The sampled coordinates of the step's parameters on one device, laid end to end."""
+
+    members: list[int]
+    """Indices of its parameters in the step's parameter list."""
+    starts: list[int]
+    """Where each member's block starts in the flat vector, and its total length last."""
+    weights: Tensor
+    """Per coordinate: numel / sampled of its tensor, so weighted sums estimate full ones."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    def gather(self, blocks: list[Tensor], *, out: Tensor | None = None) -> Tensor:
+        """Its members' blocks (from a per-parameter list) as one flat vector: a copy."""
+        mine = blocks if len(self.members) == len(blocks) else [blocks[i] for i in self.members]
+        if out is not None:
+            return torch.cat(mine, out=out)
+        flat = torch.cat(mine)
+        return flat if flat.dtype == self.dtype else flat.to(self.dtype)
+
+
 @dataclass
 class StepSample:
-    """This step's sampled blocks, built once and shared by measuring and stepping."""
+    """This step's sampled coordinates, built once and shared by measuring and stepping."""
 
     params: list[Tensor]
     param_blocks: list[Tensor]
-    grad_blocks: list[Tensor]
-    weights: Tensor
-    """numel / sampled per tensor: the weights that turn block sums into full estimates."""
+    """Per parameter, its sampled block of x: a view, except at the indices in `copied`."""
+    copied: list[int]
+    """Parameters whose layout has no flat view: their blocks are copies, taken again after
+    the step."""
+    flat_pairs: list[tuple[Tensor, int, int]]
+    """Per copied parameter: (parameter, offset, end), to take its block again."""
+    grads: list[Tensor]
+    """Per segment: the sampled gradient (unclipped: copied before any clipping). Without
+    track_last_grad it is the weighted gradient itself, and `finish` reuses its room."""
+    weighted_grads: list[Tensor]
+    """Per segment: the sampled gradient times the segment's weights."""
 
 
 class Trajectory:
-    """The last descent step on the sampled coordinates, and the secant's scalars."""
+    """The last descent step on the sampled coordinates, and the secant's scalars.
+
+    The samples of all parameters on a device are kept end to end in one flat buffer, so
+    each signal is one ``torch.dot`` per device instead of one per tensor.
+    """
 
     def __init__(self, layout: SampleLayout, *, track_last_grad: bool = False) -> None:
         self.layout = layout
         self.track_last_grad = track_last_grad
-        self.descent: dict[Tensor, Tensor] = {}
-        """Sampled d per parameter (a flat block)."""
         self.blocks: dict[Tensor, tuple[int, int, float]] = {}
         """(offset, length, weight = numel / length) per parameter."""
         self.grad_dot_descent: Tensor | None = None
         """Estimate of <g_{t-1}, d>, computed with the unclipped gradient."""
         self.descent_sq: Tensor | None = None
         """Estimate of ||d||^2."""
-        self.last_grad: dict[Tensor, Tensor] = {}
-        """Sampled g_{t-1} per parameter (unclipped), for the successive-gradient cosine."""
-        self._param_blocks: dict[Tensor, tuple[int, Tensor]] = {}
-        """(data_ptr, sampled view) per plain-tensor parameter: the views of x are reused
-        while the parameter keeps its storage (in-place updates, load_state_dict)."""
-        self._weights: tuple[tuple, Tensor] | None = None
-        """The weights tensor of the last step's parameters, keyed by device and their ids."""
+        self._params: list[Tensor] = []
+        """The parameters of the flat layout, in order."""
+        self._segments: list[Segment] = []
+        self._descent: list[Tensor] | None = None
+        """Per segment: d = x_{t-1} - x_t on the sample (unweighted)."""
+        self._last_grad: list[Tensor] | None = None
+        """Per segment: the unclipped g_{t-1} on the sample (track_last_grad)."""
+        self._restored: tuple[dict[Tensor, Tensor], dict[Tensor, Tensor]] | None = None
+        """Per-parameter buffers from a checkpoint, laid out flat at the next step."""
+        self._plan: list[tuple[int, int, bool]] = []
+        """Per parameter of the layout: (offset, end, whole) of its sampled block."""
+        self._scratch: list[Tensor] = []
+        """Per segment: room for the sampled gradient, reused every step."""
+        self._views: list[tuple[int, Tensor] | None] = []
+        """Per parameter of the layout: (data_ptr, sampled view of x) for plain real
+        tensors, reused while the parameter keeps its storage (in-place updates,
+        load_state_dict)."""
+        self._descent_views: list[list[Tensor]] = []
+        """Per segment: each member's part of the descent buffer."""
 
     def __getstate__(self) -> dict:
         # The cached views are not copied (deepcopy, pickle): a copy rebuilds them for its
         # own parameters, and views made under no_grad cannot be deep-copied anyway.
-        return {**self.__dict__, "_param_blocks": {}, "_weights": None}
+        return {**self.__dict__, "_views": [None] * len(self._views), "_descent_views": []}
+
+    # -- per-parameter views, for checkpoints ------------------------------------------------
+    @property
+    def descent(self) -> dict[Tensor, Tensor]:
+        """Sampled d per parameter: views of the flat buffers."""
+        return self._restored[0] if self._restored is not None else self._per_param(self._descent)
+
+    @property
+    def last_grad(self) -> dict[Tensor, Tensor]:
+        """Sampled unclipped g_{t-1} per parameter (track_last_grad): views of the flat buffers."""
+        return self._restored[1] if self._restored is not None else self._per_param(self._last_grad)
+
+    def _per_param(self, flats: list[Tensor] | None) -> dict[Tensor, Tensor]:
+        if flats is None:
+            return {}
+        views = {}
+        for segment, flat in zip(self._segments, flats, strict=True):
+            for k, i in enumerate(segment.members):
+                views[self._params[i]] = flat[segment.starts[k] : segment.starts[k + 1]]
+        return views
+
+    def restore(
+        self,
+        descent: dict[Tensor, Tensor],
+        last_grad: dict[Tensor, Tensor],
+        grad_dot_descent: Tensor | None,
+        descent_sq: Tensor | None,
+    ) -> None:
+        """Per-parameter buffers and scalars from a checkpoint (laid out at the next step)."""
+        self._restored = (descent, last_grad)
+        if descent and grad_dot_descent is not None:
+            self.grad_dot_descent, self.descent_sq = grad_dot_descent, descent_sq
+
+    def held_tensors(self) -> list[Tensor]:
+        """Every tensor the trajectory keeps between steps (for memory accounting)."""
+        held = [s.weights for s in self._segments] + list(self._scratch)
+        if self._restored is not None:
+            return [*held, *self._restored[0].values(), *self._restored[1].values()]
+        return held + list(self._descent or []) + list(self._last_grad or [])
 
     @property
     def ready(self) -> bool:
-        return self.grad_dot_descent is not None and bool(self.descent)
+        """Whether the last step's descent and scalars are known."""
+        held = self._descent is not None or self._restored is not None
+        return self.grad_dot_descent is not None and held
+
+    @property
+    def tracks_last_grad(self) -> bool:
+        """Whether the last step's sampled gradient is held (after `prepare`)."""
+        return self._last_grad is not None
 
     def reset(self) -> None:
-        self.descent.clear()
-        self.last_grad.clear()
+        self._descent = self._last_grad = self._restored = None
         self.grad_dot_descent = None
         self.descent_sq = None
 
     def place(self, p: Tensor, position: int) -> None:
         """Fix the sampled block of parameter `p` at `position` in the param groups."""
         if p not in self.blocks:
-            numel = _flat(p).numel()
+            numel = _real(p).numel()
             offset, length = self.layout.block(position, numel)
             # An empty local shard (FSDP2, more ranks than rows) contributes nothing.
             self.blocks[p] = (offset, length, numel / length if length else 0.0)
 
-    def prepare(self, view: GradientView) -> StepSample:
-        """The sampled blocks of this step's parameters and gradients."""
-        param_blocks, grad_blocks = [], []
-        for p, g, position in zip(view.params, view.grads, view.positions, strict=True):
+    def _relayout(self, view: GradientView) -> None:
+        """Lay this step's parameters out flat, keeping the buffers of those that stay."""
+        old_descent, old_last = self.descent, self.last_grad
+        had_descent = self._descent is not None or self._restored is not None
+        self._restored = None
+        # One segment per device and working dtype: float32 for float32 and narrower
+        # parameters (their differences and sums keep float32's precision), float64 for
+        # float64 ones.
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, (p, position) in enumerate(zip(view.params, view.positions, strict=True)):
             self.place(p, position)
+            real = _real(p)
+            kind = (real.device, torch.promote_types(torch.float32, real.dtype))
+            by_kind.setdefault(kind, []).append(i)
+        segments = []
+        for (device, dtype), members in by_kind.items():
+            lengths = [self.blocks[view.params[i]][1] for i in members]
+            weights = torch.tensor([self.blocks[view.params[i]][2] for i in members], dtype=dtype)
+            starts = [0]
+            for length in lengths:
+                starts.append(starts[-1] + length)
+            per_coordinate = weights.repeat_interleave(torch.tensor(lengths, dtype=torch.long))
+            segments.append(Segment(members, starts, per_coordinate.to(device)))
+        self._params, self._segments = list(view.params), segments
+        self._plan = []
+        for p in view.params:
             offset, length, _ = self.blocks[p]
-            param_blocks.append(self._param_block(p, offset, length))
-            grad_blocks.append(_block(_flat(g), offset, length))
-        return StepSample(view.params, param_blocks, grad_blocks, self._weights_of(view.params))
+            self._plan.append((offset, offset + length, length == _real(p).numel()))
+        self._views = [None] * len(view.params)
+        self._scratch = [torch.empty_like(segment.weights) for segment in segments]
 
-    def _param_block(self, p: Tensor, offset: int, length: int) -> Tensor:
-        if is_dtensor(p):  # its local shard is looked up afresh each step
-            return _block(_flat(p), offset, length)
-        pointer = p.data_ptr()
-        cached = self._param_blocks.get(p)
-        if cached is None or cached[0] != pointer:
-            cached = (pointer, _block(_flat(p), offset, length))
-            self._param_blocks[p] = cached
-        return cached[1]
+        def gather(old: dict[Tensor, Tensor]) -> list[Tensor] | None:
+            """The old per-parameter buffers laid out anew; None if none is kept."""
+            flats, kept_any = [], False
+            for segment in segments:
+                flat = torch.zeros_like(segment.weights)  # not updated last step: d = 0
+                for k, i in enumerate(segment.members):
+                    kept = old.get(self._params[i])
+                    part = flat[segment.starts[k] : segment.starts[k + 1]]
+                    if kept is not None and kept.numel() == part.numel():
+                        part.copy_(kept.reshape(-1))
+                        kept_any = True
+                flats.append(flat)
+            return flats if kept_any else None
 
-    def _weights_of(self, params: list[Tensor]) -> Tensor:
-        device = params[0].device if params else None
-        key = (device, *map(id, params))  # a model moved to another device gets new weights
-        if self._weights is None or self._weights[0] != key:
-            weights = [self.blocks[p][2] for p in params]
-            self._weights = (key, torch.tensor(weights, dtype=torch.float64, device=device))
-        return self._weights[1]
+        self._set_descent(gather(old_descent) if had_descent else None)
+        self._last_grad = gather(old_last) if self._descent is not None else None
+        if self._descent is None:  # nothing of the last step is left: the secant restarts
+            self.grad_dot_descent = self.descent_sq = None
+
+    def _set_descent(self, flats: list[Tensor] | None) -> None:
+        self._descent = flats
+        self._descent_views = []
+        if flats is not None:
+            for segment, flat in zip(self._segments, flats, strict=True):
+                bounds = zip(segment.starts[:-1], segment.starts[1:], strict=True)
+                self._descent_views.append([flat[a:b] for a, b in bounds])
+
+    # -- the step ---------------------------------------------------------------------------
+    def prepare(self, view: GradientView) -> StepSample:
+        """The sampled blocks of this step's parameters, and its sampled gradient."""
+        if not _same(view.params, self._params) or self._restored is not None:
+            self._relayout(view)
+        param_blocks, grad_blocks, copied, flat_pairs = [], [], [], []
+        views = self._views
+        for i, (p, g, (offset, end, whole)) in enumerate(
+            zip(view.params, view.grads, self._plan, strict=True)
+        ):
+            cached = views[i]
+            if cached is not None and cached[0] == p.data_ptr() and g.is_contiguous():
+                param_blocks.append(cached[1])  # the common case: plain, real, contiguous
+                flat = g.view(-1)
+                grad_blocks.append(flat if whole else flat[offset:end])
+                continue
+            flat_p, flat_g, is_view = _flat_pair(p, g)
+            param_blocks.append(flat_p if whole else flat_p[offset:end])
+            grad_blocks.append(flat_g if whole else flat_g[offset:end])
+            if not is_view:
+                copied.append(i)
+                flat_pairs.append((p, offset, end))
+            elif not (is_dtensor(p) or p.is_complex()) and g.is_contiguous():
+                views[i] = (p.data_ptr(), param_blocks[-1])
+        grads, weighted = [], []
+        for segment, scratch in zip(self._segments, self._scratch, strict=True):
+            if self.track_last_grad:  # g_t is kept for the next step: a fresh tensor
+                flat = segment.gather(grad_blocks)
+                grads.append(flat)
+                weighted.append(flat * segment.weights)
+            else:  # the unweighted gradient is not read again
+                flat = segment.gather(grad_blocks, out=scratch).mul_(segment.weights)
+                grads.append(flat)
+                weighted.append(flat)
+        return StepSample(view.params, param_blocks, copied, flat_pairs, grads, weighted)
 
     def snapshot(self, sample: StepSample) -> None:
         """Keep x_t's sample in the descent buffers before the inner step."""
-        if len(self.descent) != len(sample.params) or any(p not in self.descent for p in sample.params):
-            kept = set(sample.params)
-            for p in [p for p in self.descent if p not in kept]:
-                del self.descent[p]  # Not updated this step: its descent is zero, drop it.
-            for p, block in zip(sample.params, sample.param_blocks, strict=True):
-                if p not in self.descent:
-                    self.descent[p] = torch.empty_like(block)
-        torch._foreach_copy_([self.descent[p] for p in sample.params], sample.param_blocks)
+        if self._descent is None:
+            self._set_descent([torch.empty_like(s.weights) for s in self._segments])
+        assert self._descent is not None
+        for segment, buffer in zip(self._segments, self._descent, strict=True):
+            segment.gather(sample.param_blocks, out=buffer)
 
-    def finish(self, sample: StepSample, clip_coef: float) -> None:
+    def finish(self, sample: StepSample) -> None:
         """After the inner step: d = x_t - x_{t+1} on the sample, and its scalars (on device)."""
         if not sample.params:
             self.reset()
             return
-        buffers = [self.descent[p] for p in sample.params]
-        torch._foreach_sub_(buffers, sample.param_blocks)
-        self.grad_dot_descent = (dots(sample.grad_blocks, buffers) @ sample.weights) / clip_coef
-        self.descent_sq = squared_norms(buffers) @ sample.weights
+        blocks = sample.param_blocks
+        if sample.copied:  # parameters without a flat view: take their blocks again
+            blocks = list(blocks)
+            for i, (p, offset, end) in zip(sample.copied, sample.flat_pairs, strict=True):
+                blocks[i] = _real(p).reshape(-1)[offset:end]
+        assert self._descent is not None
+        squares, grad_dots = [], []
+        for segment, buffer, parts, weighted in zip(
+            self._segments, self._descent, self._descent_views, sample.weighted_grads, strict=True
+        ):
+            mine = blocks if len(segment.members) == len(blocks) else [blocks[i] for i in segment.members]
+            torch._foreach_sub_(parts, mine)  # the buffer now holds d
+            grad_dots.append(torch.dot(weighted, buffer))
+            # The weighted gradient is not needed any more (unless kept): its room takes w d.
+            scaled = (
+                buffer * segment.weights
+                if self.track_last_grad
+                else torch.mul(buffer, segment.weights, out=weighted)
+            )
+            squares.append(torch.dot(buffer, scaled))
+        self.descent_sq, self.grad_dot_descent = _total(squares), _total(grad_dots)
         if self.track_last_grad:
-            self._keep_last_grad(sample, clip_coef)
-
-    def _keep_last_grad(self, sample: StepSample, clip_coef: float) -> None:
-        for p in [p for p in self.last_grad if p not in self.descent]:
-            del self.last_grad[p]
-        for p, block in zip(sample.params, sample.grad_blocks, strict=True):
-            if p not in self.last_grad:
-                self.last_grad[p] = torch.empty_like(block)
-        last = [self.last_grad[p] for p in sample.params]
-        torch._foreach_copy_(last, sample.grad_blocks)
-        if clip_coef != 1.0:
-            torch._foreach_div_(last, clip_coef)  # the unclipped gradient
+            self._last_grad = sample.grads
 
     def successive_grad_products(self, sample: StepSample) -> tuple[Tensor, Tensor, Tensor]:
         """Estimates of <g_t, g_{t-1}>, ||g_t||^2 and ||g_{t-1}||^2 on the shared sample."""
-        kept = [i for i, p in enumerate(sample.params) if p in self.last_grad]
-        if not kept:
-            zero = torch.zeros((), dtype=torch.float64)
-            return zero, zero, zero
-        grads = [sample.grad_blocks[i] for i in kept]
-        last = [self.last_grad[sample.params[i]] for i in kept]
-        weights = sample.weights[kept] if len(kept) < len(sample.params) else sample.weights
-        return dots(grads, last) @ weights, squared_norms(grads) @ weights, squared_norms(last) @ weights
+        assert self._last_grad is not None
+        both, now_sq, last_sq = [], [], []
+        for segment, last, grad, weighted in zip(
+            self._segments, self._last_grad, sample.grads, sample.weighted_grads, strict=True
+        ):
+            both.append(torch.dot(weighted, last))
+            now_sq.append(torch.dot(weighted, grad))
+            last_sq.append(torch.dot(last * segment.weights, last))
+        return _total(both), _total(now_sq), _total(last_sq)
 
     def param_grad_dot(self, sample: StepSample) -> Tensor:
         """Estimate of <x_t, g_t> (before the step), for the fluctuation-dissipation test."""
-        return dots(sample.param_blocks, sample.grad_blocks) @ sample.weights
+        return _total(
+            [
+                torch.dot(segment.gather(sample.param_blocks), weighted)
+                for segment, weighted in zip(self._segments, sample.weighted_grads, strict=True)
+            ]
+        )
 
     def grad_dot(self, sample: StepSample) -> Tensor:
-        """Estimate of <g_t, d> over the parameters that have both."""
-        if all(p in self.descent for p in sample.params):
-            buffers = [self.descent[p] for p in sample.params]
-            return dots(sample.grad_blocks, buffers) @ sample.weights
-        kept = [i for i, p in enumerate(sample.params) if p in self.descent]
-        if not kept:
+        """Estimate of <g_t, d> (d is zero on parameters not updated last step)."""
+        if self._descent is None:
             return torch.zeros((), dtype=torch.float64)
-        grads = [sample.grad_blocks[i] for i in kept]
-        buffers = [self.descent[sample.params[i]] for i in kept]
-        return dots(grads, buffers) @ sample.weights[kept]
+        return _total([torch.dot(w, d) for w, d in zip(sample.weighted_grads, self._descent, strict=True)])
 
 
 def measure(
@@ -299,7 +508,7 @@ def measure(
 
     Returns the signals for the controller and the per-group gradient norms.
     """
-    norms_sq = squared_norms(view.grads)
+    norms_sq = squared_norms(view.grads, ordered=len(view.group_bounds) > 1)
     if len(view.group_bounds) == 1:
         group_sq = [norms_sq.sum()]
         parts: list[Tensor] = [group_sq[0], group_sq[0]]
@@ -307,7 +516,7 @@ def measure(
         group_sq = [norms_sq[a:b].sum() for a, b in view.group_bounds]
         parts = [norms_sq.sum(), *group_sq]
     secant = trajectory.ready
-    successive = trajectory.ready and bool(trajectory.last_grad)
+    successive = trajectory.ready and trajectory.tracks_last_grad
     if secant:
         parts += [trajectory.grad_dot(sample), trajectory.grad_dot_descent, trajectory.descent_sq]
     if successive:

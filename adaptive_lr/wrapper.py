@@ -242,7 +242,7 @@ class AdaptiveOptimizer(Optimizer):
                 raise
             if before is not None:
                 new_state, decision = self._check_first_step(view, before, new_state, decision, reduction)
-            self._trajectory.finish(sample, decision.clip_coef)
+            self._trajectory.finish(sample)
         self._controller_state = new_state
         self._record(decision, signals, group_norms, context)
         return loss
@@ -414,18 +414,21 @@ class AdaptiveOptimizer(Optimizer):
 
         params = [p for g in self.param_groups for p in g["params"]]
         trajectory = _trajectory(options)
+        descent: dict[Tensor, Tensor] = {}
+        last_grad: dict[Tensor, Tensor] = {}
         probe: dict[Tensor, Tensor] = {}
         for k, entries in ours.items():
             p = params[int(k)]
+            # Copies in the saved dtype (the trajectory keeps at least float32), on p's device.
             if DESCENT_KEY in entries:
                 trajectory.place(p, int(k))
-                trajectory.descent[p] = entries[DESCENT_KEY].to(device=p.device, dtype=p.dtype).clone()
+                descent[p] = entries[DESCENT_KEY].to(device=p.device).clone()
             if LAST_GRAD_KEY in entries:
-                trajectory.last_grad[p] = entries[LAST_GRAD_KEY].to(device=p.device, dtype=p.dtype).clone()
+                last_grad[p] = entries[LAST_GRAD_KEY].to(device=p.device).clone()
             if PROBE_KEY in entries:
                 probe[p] = entries[PROBE_KEY].to(device=p.device, dtype=p.dtype).clone()
-        if trajectory.descent and scalars[0] is not None:
-            trajectory.grad_dot_descent, trajectory.descent_sq = (s.clone() for s in scalars)
+        grad_dot_descent, descent_sq = (None if s is None else s.clone() for s in scalars)
+        trajectory.restore(descent, last_grad, grad_dot_descent, descent_sq)
         self.options = options
         self._controller_state = controller_state
         self._trajectory = trajectory

@@ -26,12 +26,12 @@ method is called as ``opt.step(closure)``. Each repeat gives a time per training
 minus the step's first closure call). Reported: median [min, max] over the repeats, and
 the ratio to bare computed per repeat, median [min, max].
 
-Memory: the bytes of the tensors the wrapper owns (its descent buffers, plus Hessian-probe
-vectors in the probe mode) over the parameter bytes, and the base optimizer's state over
-the parameter bytes for comparison. Peak RSS delta (Linux, CPU only): in a fresh process
-per configuration, the peak RSS over --warmup steps minus the RSS just before the
-optimizer is built (model, batch and gradients already allocated). It counts the
-optimizer state, the wrapper's buffers and the transient tensors of a step, as the
+Memory: the bytes of the tensors the wrapper owns (on the sample: the descent, the gradient
+and the weights; plus Hessian-probe vectors in the probe mode) over the parameter bytes,
+and the base optimizer's state over the parameter bytes for comparison. Peak RSS delta
+(Linux, CPU only): in a fresh process per configuration, the peak RSS over --warmup steps
+minus the RSS just before the optimizer is built (model, batch and gradients already
+allocated). It counts the optimizer state, the wrapper's buffers and the transient tensors of a step, as the
 allocator sees them; a single fresh-process reading, so take it to about a MiB.
 """
 
@@ -184,7 +184,7 @@ def tensor_bytes(tensors: Sequence[Tensor]) -> int:
 
 def wrapper_bytes(opt: adaptive_lr.AdaptiveOptimizer) -> int:
     """Bytes of the tensors the wrapper owns beyond the base optimizer's state."""
-    return tensor_bytes(list(opt._trajectory.descent.values()) + list(opt._probe_vector.values()))
+    return tensor_bytes(opt._trajectory.held_tensors() + list(opt._probe_vector.values()))
 
 
 def state_bytes(opt: Optimizer) -> int:

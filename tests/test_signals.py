@@ -12,7 +12,7 @@ from torch import nn
 
 import adaptive_lr
 from adaptive_lr import ControllerOptions
-from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, dots, measure
+from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, measure, squared_norms
 
 
 def quadratic(eigenvalues: torch.Tensor, seed: int = 0):
@@ -34,17 +34,26 @@ def run_gd(a, x, lr, steps, **options):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_dots_are_the_per_tensor_dot_products(seed):
+def test_squared_norms_are_per_tensor_and_in_order_across_the_dot_and_foreach_paths(seed):
     generator = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(12, generator=generator), torch.randn(5, generator=generator)]
-    ys = [torch.randn(12, generator=generator), torch.randn(5, generator=generator)]
-    got = dots(xs, ys).tolist()
-    for value, x, y in zip(got, xs, ys, strict=True):
-        exact = torch.dot(x.double(), y.double()).item()
-        # float32 summation: the error scales with sum |x_i y_i|, not with the (possibly
-        # cancelling) result.
-        scale = (x.double() * y.double()).abs().sum().item()
-        assert abs(value - exact) <= 1e-6 * scale
+    tensors = [
+        torch.randn(70_000, generator=generator),  # large float32: torch.dot
+        torch.randn(5, generator=generator),  # small: foreach norm
+        torch.randn(300, 200, generator=generator).t(),  # large but not contiguous: foreach
+        torch.randn(40_000, generator=generator, dtype=torch.float64),  # large float64: torch.dot
+        torch.randn(50_000, generator=generator).to(torch.bfloat16),  # half precision: foreach
+    ]
+    exact = [float((t.double() ** 2).sum()) for t in tensors]
+    got = squared_norms(tensors).tolist()
+    # float32 accumulation of positive terms; the bfloat16 norm comes rounded to bfloat16
+    # (as in clip_grad_norm_), squared: 2 x 2^-8.
+    assert got[:4] == pytest.approx(exact[:4], rel=1e-5)
+    assert got[4] == pytest.approx(exact[4], rel=2**-7)
+    unordered = squared_norms(tensors, ordered=False)
+    assert sorted(unordered.tolist()) == sorted(got)
+    assert squared_norms(tensors[:1] + tensors[3:4]).tolist() == pytest.approx(
+        exact[:1] + exact[3:4], rel=1e-5
+    )
 
 
 def test_gradient_norm_over_parameters_of_mixed_float_dtypes_matches_float64_within_their_rounding():
@@ -214,6 +223,8 @@ def test_descent_buffers_hold_only_the_sample():
     assert held[model[0].weight] == math.ceil(512 * 512 / 16)
     assert held[model[0].bias] == 512  # small tensors whole
     assert sum(held.values()) < 0.1 * sum(p.numel() for p in model.parameters())
+    # Beside d: the sampled gradient's room and the per-coordinate weights, as large.
+    assert sum(t.numel() for t in opt._trajectory.held_tensors()) == 3 * sum(held.values())
 
 
 def test_successive_gradient_cosine_is_reported_when_tracked_and_matches_the_gradients():
@@ -239,3 +250,73 @@ def test_successive_gradient_cosine_costs_no_buffer_by_default():
     opt = run_gd(a, x, 0.05, 3)
     assert not opt._trajectory.last_grad
     assert all(r.successive_grad_cosine is None for r in opt.history)
+
+
+def _secant_history(params, loss_fn, steps=3, **options):
+    opt = adaptive_lr.wrap(
+        torch.optim.SGD(params, lr=0.05),
+        ControllerOptions.all_off(sample_fraction=1.0, min_sample_size=1, **options),
+    )
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    return opt.history
+
+
+def test_secant_signals_of_a_channels_last_model_equal_those_of_its_contiguous_copy():
+    torch.manual_seed(0)
+    contiguous = nn.Conv2d(3, 8, 3)
+    channels_last = nn.Conv2d(3, 8, 3)
+    channels_last.load_state_dict(contiguous.state_dict())
+    channels_last.to(memory_format=torch.channels_last)
+    assert not channels_last.weight.is_contiguous()
+    images = torch.randn(4, 3, 8, 8)
+
+    def history(model):
+        return _secant_history(list(model.parameters()), lambda: model(images).pow(2).mean())
+
+    expected, got = history(contiguous), history(channels_last)
+    for a, b in list(zip(expected, got, strict=True))[1:]:
+        assert b.curvature is not None and b.curvature > 0.0
+        assert b.curvature == pytest.approx(a.curvature, rel=1e-5)
+        assert b.grad_cosine == pytest.approx(a.grad_cosine, rel=1e-5)
+
+
+def test_secant_curvature_is_exact_over_parameters_of_float32_and_float64():
+    """Two working dtypes: two flat segments, whose sums add up to the exact secant."""
+    eigenvalues = torch.logspace(-1, 1, 10, dtype=torch.float64)
+    a, x = quadratic(eigenvalues)
+    x32 = nn.Parameter(x.detach()[:4].float().clone())
+    x64 = nn.Parameter(x.detach()[4:].clone())
+
+    def loss():
+        joined = torch.cat([x32.double(), x64])
+        return 0.5 * joined @ a @ joined
+
+    start = torch.cat([x32.detach().double(), x64.detach()])
+    history = _secant_history([x32, x64], loss, steps=2)
+    step = 0.05 * (a @ start)  # the first descent step d (float32 rounding on x32's part)
+    rayleigh = (step @ a @ step / (step @ step)).item()
+    assert history[1].curvature == pytest.approx(rayleigh, rel=1e-5)
+
+
+def test_secant_restarts_cleanly_when_parameters_stop_and_start_getting_gradients():
+    a, x = quadratic(torch.logspace(-1, 1, 10, dtype=torch.float64))
+    y = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = adaptive_lr.wrap(
+        torch.optim.SGD([x, y], lr=0.05),
+        ControllerOptions.all_off(sample_fraction=1.0, min_sample_size=1),
+    )
+    for with_y in (True, True, False, False, True, True):
+        opt.zero_grad()
+        loss = 0.5 * x @ a @ x + (0.5 * (y * y).sum() if with_y else 0.0)
+        loss.backward()
+        before = x.detach().clone()
+        opt.step()
+        d = before - x.detach()
+        # On x alone the secant is the Rayleigh quotient of the step; y's curvature is 1.
+        assert opt._trajectory.descent[x].tolist() == pytest.approx(d.tolist(), rel=1e-12)
+    for record in list(opt.history)[1:]:
+        assert record.curvature is not None
+        assert 0.1 - 1e-9 <= record.curvature <= 10.0 + 1e-9

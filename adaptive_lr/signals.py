@@ -270,6 +270,10 @@ class Trajectory:
         # own parameters, and views made under no_grad cannot be deep-copied anyway.
         return {**self.__dict__, "_views": [None] * len(self._views), "_descent_views": []}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._set_descent(self._descent)  # views of the copy's own buffers
+
     # -- per-parameter views, for checkpoints ------------------------------------------------
     @property
     def descent(self) -> dict[Tensor, Tensor]:

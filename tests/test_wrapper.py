@@ -306,6 +306,17 @@ def test_deepcopy_with_a_scheduler_is_independent_of_the_original():
     assert clone.param_groups[0]["params"][0] is not opt.param_groups[0]["params"][0]
 
 
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))])
+def test_a_copy_taken_mid_training_continues_exactly_as_the_original(copier):
+    model = make_model()
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    train(model, opt, 3)
+    model_copy, opt_copy = copier((model, opt))
+    assert train(model_copy, opt_copy, 4, seed=2) == train(model, opt, 4, seed=2)
+    assert [r.curvature for r in opt_copy.history] == [r.curvature for r in opt.history]
+    assert opt_copy.history[-1].curvature is not None
+
+
 def test_pickle_round_trip_with_a_scheduler_attached():
     model = make_model()
     opt = adaptive_lr.wrap(torch.optim.Adam(model.parameters()))

@@ -266,12 +266,15 @@ class ControllerOptions:
         """Settings for deterministic (full-batch) problems, where the curvature signals
         are clean: the Hessian probe every 100 steps (pass ``step(closure)``), momentum from
         the curvature range alone over slowly forgotten extremes, a stability margin of
-        0.9 instead of 0.5 and a faster approach to it. On the quadratics of
+        0.9 instead of 0.5, a faster approach to it, a gradient-cosine average over about
+        two steps instead of ten, and no update guard (the probe bounds the very first
+        step by the measured top curvature). On the quadratics of
         benchmarks/quadratic_limit.py (row adaptive_sgd_full_batch), from SGD(lr=1e-3,
-        momentum=0.9), it needed 40 / 79 / 172 / 416 iterations at kappa 10 / 100 / 1000 /
-        10000 (median of 3 seeds) where optimal heavy ball, which knows L and mu, needs
-        12 / 47 / 173 / 619. Under gradient noise or on networks the defaults are the safer
-        choice: their margin of 0.5 leaves room for a network's sharpening.
+        momentum=0.9), it needed 21 / 67 / 164 / 410 iterations at kappa 10 / 100 / 1000
+        / 10000 (median of 3 seeds) where optimal heavy ball, which knows L and mu, needs
+        12 / 47 / 173 / 619, and optimal gradient descent 26 / 248 / 2556 / more than
+        20000. Under gradient noise or on networks the defaults are the safer choice: their
+        margin of 0.5 leaves room for a network's sharpening.
         """
         base: dict[str, Any] = {
             "curvature_probe_every": 100,
@@ -279,6 +282,8 @@ class ControllerOptions:
             "curvature_range_decay": 0.999,
             "stability_margin": 0.9,
             "cap_approach": 0.5,
+            "cosine_decay": 0.5,
+            "update_guard": False,
         }
         base.update(changes)
         return cls.from_kwargs(**base)

@@ -76,7 +76,7 @@ def test_untuned_adaptive_sgd_is_never_slower_than_optimal_gradient_descent(benc
     assert adaptive <= gd
 
 
-def test_full_batch_options_beat_the_defaults_and_stay_within_2_5x_of_optimal_heavy_ball(
+def test_full_batch_options_beat_the_defaults_and_stay_within_1_5x_of_optimal_heavy_ball(
     bench: ModuleType,
 ) -> None:
     problem = bench.Quadratic.make(KAPPA, DIM, SEED)
@@ -84,6 +84,20 @@ def test_full_batch_options_beat_the_defaults_and_stay_within_2_5x_of_optimal_he
     default = _iterations(bench, bench.method_factories(1e-3)["adaptive_sgd"](problem))
     full_batch = _iterations(bench, bench.method_factories(1e-3)["adaptive_sgd_full_batch"](problem))
     assert heavy_ball is not None and default is not None and full_batch is not None
-    # measured 69 against 148 (defaults) and 52 (optimal heavy ball)
+    # measured 68 against 148 (defaults) and 52 (optimal heavy ball)
     assert full_batch <= 0.8 * default
-    assert full_batch <= 2.5 * heavy_ball
+    assert full_batch <= 1.5 * heavy_ball
+
+
+def test_full_batch_options_are_faster_than_optimal_gradient_descent_on_a_well_conditioned_quadratic(
+    bench: ModuleType,
+) -> None:
+    """At kappa 10 the untuned start costs most: optimal GD needs only about 26 steps."""
+    problem = bench.Quadratic.make(10.0, DIM, SEED)
+    target = bench.TARGET_REDUCTION * problem.value(problem.x0)
+    counts = {}
+    for name in ("gd_optimal", "adaptive_sgd_full_batch"):
+        values = bench.run(problem, bench.method_factories(1e-3)[name](problem), iterations=200, stop_at=target)
+        counts[name] = bench.iterations_to_target(values, target)
+    assert None not in counts.values()
+    assert counts["adaptive_sgd_full_batch"] < counts["gd_optimal"]

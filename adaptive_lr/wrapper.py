@@ -29,9 +29,9 @@ STATE_KEY = "adaptive_lr"
 DESCENT_KEY = "adaptive_lr.descent"
 LAST_GRAD_KEY = "adaptive_lr.last_grad"
 PROBE_KEY = "adaptive_lr.probe_vector"
-COLD_PROBE_FACTOR = 5
-"""A probe from a random start (the first, or after the parameters changed) may run this
-many times ``probe_iterations`` products."""
+COLD_PROBE_FACTOR = 2
+"""A cold probe (the first, or after the parameters changed), which starts at the gradient,
+may run this many times ``probe_iterations`` products."""
 FORMAT_VERSION = 1
 
 _PRECONDITIONED = (
@@ -296,16 +296,26 @@ class AdaptiveOptimizer(Optimizer):
         from adaptive_lr.hessian import closure_hvp, top_eigenvalue
 
         params = view.params
-        # Warm start from the last probe's eigenvector: sharpness drifts slowly.
+        # Warm start from the last probe's eigenvector: sharpness drifts slowly. A cold
+        # start begins at the gradient, which the Hessian has already weighted toward its
+        # top eigenvectors (g = H x on a quadratic): a power iteration ahead of a random start.
         warm = all(p in self._probe_vector for p in params)
-        estimate = top_eigenvalue(
-            closure_hvp(closure, params),
-            params,
-            # A cold start has no earlier iterations to carry on from.
-            iterations=self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR),
-            tolerance=self.options.probe_tolerance,
-            initial=[self._probe_vector[p] for p in params] if warm else None,
-        )
+        hvp = closure_hvp(closure, params)
+        iterations = self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR)
+        starts = [[self._probe_vector[p] for p in params]] if warm else [view.grads, None]
+        for initial in starts:
+            try:
+                estimate = top_eigenvalue(
+                    hvp,
+                    params,
+                    iterations=iterations,
+                    tolerance=self.options.probe_tolerance,
+                    initial=initial,
+                )
+                break
+            except ValueError:  # a zero gradient: start at random instead
+                if initial is not view.grads:
+                    raise
         self._probe_vector = dict(zip(params, estimate.vector, strict=True))
         return estimate.eigenvalue
 

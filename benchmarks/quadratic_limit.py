@@ -9,7 +9,8 @@ orthogonal matrix (so no method is helped by the coordinate axes) and lambda log
 in [mu, L] = [1/kappa, 1]; x0 standard normal. All in float64.
 
 Deterministic table: iterations until f(x) <= 1e-6 f(x0) (median over --seeds; "-" if not
-reached within --max-iters). Rows:
+reached within --max-iters), and the gradient evaluations to get there (closure calls: the
+probe rows also spend two per Hessian-vector product). Rows:
 - gd_optimal: gradient descent with step 2/(L + mu);
 - heavy_ball_optimal: Polyak's lr 4/(sqrt(L) + sqrt(mu))^2 and momentum
   ((sqrt(L) - sqrt(mu))/(sqrt(L) + sqrt(mu)))^2, as torch.optim.SGD with that momentum
@@ -22,7 +23,7 @@ reached within --max-iters). Rows:
 - adaptive_sgd_probe_lower: both, the probe every 100 steps and the lower momentum (the
   probe's top eigenvalue bounds the curvature range from above);
 - adaptive_sgd_full_batch: ControllerOptions.full_batch(), those two with a stability
-  margin of 0.9 and cap_approach 0.5;
+  margin of 0.9, cap_approach 0.5, a cosine average over about two steps and no update guard;
 - adaptive_adam: adaptive_lr.wrap(Adam(lr=1e-3)), default options.
 The rates printed next to gd_optimal and heavy_ball_optimal are the theoretical
 (kappa - 1)/(kappa + 1) and (sqrt(kappa) - 1)/(sqrt(kappa) + 1) with the iteration counts
@@ -152,13 +153,21 @@ def run(
     noise: float = 0.0,
     noise_seed: int = 0,
     stop_at: float | None = None,
+    evaluations: list[int] | None = None,
 ) -> list[float]:
-    """f(x_t) for t = 0, 1, ... (stopping early once f <= stop_at)."""
+    """f(x_t) for t = 0, 1, ... (stopping early once f <= stop_at).
+
+    With a list as ``evaluations``, it receives the number of gradient evaluations
+    (closure calls, the Hessian probe's included) made before each x_t.
+    """
     x = problem.x0.clone().requires_grad_(True)
     optimizer = make_optimizer([x])
     generator = torch.Generator().manual_seed(noise_seed)
+    calls = 0
 
     def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
         optimizer.zero_grad()
         with torch.enable_grad():
             loss = 0.5 * x @ (problem.matrix @ x)
@@ -168,10 +177,14 @@ def run(
         return loss
 
     values = [problem.value(x.detach())]
+    if evaluations is not None:
+        evaluations[:] = [0]
     for _ in range(iterations):
         optimizer.step(closure)
         value = problem.value(x.detach())
         values.append(value)
+        if evaluations is not None:
+            evaluations.append(calls)
         if not math.isfinite(value) or (stop_at is not None and value <= stop_at):
             break
     return values
@@ -211,21 +224,36 @@ def deterministic_table(args: argparse.Namespace) -> list[dict[str, Any]]:
     for kappa in args.kappas:
         adam_lr, _ = best_adam_lr(kappa, args.dim, args.seeds[0], args.max_iters)
         for name, factory in method_factories(adam_lr).items():
-            counts = []
+            counts: list[int | None] = []
+            evaluation_counts: list[int | None] = []
             started = time.perf_counter()
             for seed in args.seeds:
                 problem = Quadratic.make(kappa, args.dim, seed)
                 target = TARGET_REDUCTION * problem.value(problem.x0)
-                values = run(problem, factory(problem), iterations=args.max_iters, stop_at=target)
-                counts.append(iterations_to_target(values, target))
+                evaluations: list[int] = []
+                values = run(
+                    problem,
+                    factory(problem),
+                    iterations=args.max_iters,
+                    stop_at=target,
+                    evaluations=evaluations,
+                )
+                count = iterations_to_target(values, target)
+                counts.append(count)
+                evaluation_counts.append(None if count is None else evaluations[count])
             reached = [c for c in counts if c is not None]
-            median = statistics.median(reached) if len(reached) == len(counts) else None
+            complete = len(reached) == len(counts)
+            median = statistics.median(reached) if complete else None
             rows.append(
                 {
                     "kappa": kappa,
                     "method": name,
                     "iterations": counts,
                     "median_iterations": median,
+                    "gradient_evaluations": evaluation_counts,
+                    "median_gradient_evaluations": (
+                        statistics.median(e for e in evaluation_counts if e is not None) if complete else None
+                    ),
                     "adam_lr": adam_lr if name == "adam_best_grid" else None,
                     "wall_time_s": round(time.perf_counter() - started, 3),
                 }
@@ -287,6 +315,17 @@ def markdown(rows: list[dict[str, Any]], noisy: list[dict[str, Any]], args: argp
             if method == "adam_best_grid":
                 cell += f" (lr {row['adam_lr']:.2g})"
             cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Gradient evaluations to the same target (closure calls: one per step, plus two per "
+        "Hessian-vector product where the probe runs), median over seeds:",
+        "",
+        "| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |",
+        "|---|" + "---:|" * len(kappas),
+    ]
+    for method in methods:
+        cells = [_count(by[(kappa, method)]["median_gradient_evaluations"]) for kappa in kappas]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Ratio to heavy_ball_optimal (iterations):", ""]
     lines.append("| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |")

@@ -7,6 +7,7 @@ its deterministic kappa-100 cell from sliding back unnoticed.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -97,7 +98,30 @@ def test_full_batch_options_are_faster_than_optimal_gradient_descent_on_a_well_c
     target = bench.TARGET_REDUCTION * problem.value(problem.x0)
     counts = {}
     for name in ("gd_optimal", "adaptive_sgd_full_batch"):
-        values = bench.run(problem, bench.method_factories(1e-3)[name](problem), iterations=200, stop_at=target)
+        values = bench.run(
+            problem, bench.method_factories(1e-3)[name](problem), iterations=200, stop_at=target
+        )
         counts[name] = bench.iterations_to_target(values, target)
     assert None not in counts.values()
     assert counts["adaptive_sgd_full_batch"] < counts["gd_optimal"]
+
+
+def test_gradient_evaluations_count_one_per_step_and_two_per_probe_product(bench: ModuleType) -> None:
+    from adaptive_lr.wrapper import COLD_PROBE_FACTOR
+
+    problem = bench.Quadratic.make(KAPPA, DIM, SEED)
+    factories = bench.method_factories(1e-3)
+    evaluations: list[int] = []
+    values = bench.run(
+        problem, factories["heavy_ball_optimal"](problem), iterations=20, evaluations=evaluations
+    )
+    assert evaluations == list(range(len(values)))
+    values = bench.run(
+        problem, factories["adaptive_sgd_full_batch"](problem), iterations=120, evaluations=evaluations
+    )
+    steps = [b - a for a, b in itertools.pairwise(evaluations)]
+    products = adaptive_lr.ControllerOptions.full_batch().probe_iterations
+    # probe steps (0 and 100): the step's own call and two per product; the others: one
+    assert 3 <= steps[0] <= 1 + 2 * COLD_PROBE_FACTOR * products and steps[0] % 2 == 1
+    assert 3 <= steps[100] <= 1 + 2 * products
+    assert set(steps[1:100] + steps[101:]) == {1}

@@ -71,7 +71,8 @@ def squared_norms(tensors: Sequence[Tensor], *, ordered: bool = True) -> Tensor:
         return dot_part
     chosen = set(by_dot)
     rest = [i for i in range(len(tensors)) if i not in chosen]
-    values = torch.cat([dot_part, _stack(torch._foreach_norm([tensors[i] for i in rest])).square()])
+    foreach_part = _stack(torch._foreach_norm([tensors[i] for i in rest])).square()
+    values = torch.cat([dot_part, foreach_part.to(dot_part.device)])
     if not ordered:
         return values
     order = torch.tensor(by_dot + rest, device=values.device)

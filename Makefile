@@ -43,7 +43,7 @@ paper-full: $(VENV)/.installed
 	$(PY) -m experiments run --config experiments/configs/targets_all.toml --results results/targets_all --workers 2
 	$(PY) benchmarks/quadratic_limit.py --output results/quadratic_limit.json
 	$(PY) benchmarks/overhead.py --sizes 10k 1M 10M --optimizers sgd adamw --threads 2 --output results/overhead.json
-	$(PY) benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 3 --warmup 2 \
+	$(PY) benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 5 --warmup 2 \
 		--no-rss --output results/overhead_large.json
 	$(PY) benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss --repeats 9 \
 		--output results/overhead_tensors.json

@@ -270,11 +270,12 @@ class ControllerOptions:
         two steps instead of ten, and no update guard (the probe bounds the very first
         step by the measured top curvature). On the quadratics of
         benchmarks/quadratic_limit.py (row adaptive_sgd_full_batch), from SGD(lr=1e-3,
-        momentum=0.9), it needed 21 / 67 / 164 / 410 iterations at kappa 10 / 100 / 1000
-        / 10000 (median of 3 seeds) where optimal heavy ball, which knows L and mu, needs
-        12 / 47 / 173 / 619, and optimal gradient descent 26 / 248 / 2556 / more than
-        20000. Under gradient noise or on networks the defaults are the safer choice: their
-        margin of 0.5 leaves room for a network's sharpening.
+        momentum=0.9), it needed 21 / 65 / 156 / 401 iterations at kappa 10 / 100 / 1000
+        / 10000 (median of 3 seeds; 33 / 77 / 170 / 428 gradient evaluations with the
+        probe's) where optimal heavy ball, which knows L and mu, needs 12 / 47 / 173 / 619,
+        and optimal gradient descent 26 / 248 / 2556 / more than 20000. Under gradient
+        noise or on networks the defaults are the safer choice: their margin of 0.5 leaves
+        room for a network's sharpening.
         """
         base: dict[str, Any] = {
             "curvature_probe_every": 100,

@@ -13,9 +13,9 @@ tensor's contribution weighted by numel / sampled so the sums estimate the full 
     successive_grad_cosine = <g_t, g_{t-1}> / (||g_t|| ||g_{t-1}||)   (track_successive_cosine)
 
 With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals cheap:
-the buffers (d, the sampled gradient, the per-coordinate weights and, with
-``track_successive_cosine``, the last gradient) and the memory traffic of the secant
-shrink by the sample fraction (d needs a copy before the inner step and a subtraction
+the buffer for d (and, with ``track_successive_cosine``, for the last gradient), the
+sampled gradient copied each step and the memory traffic of the secant shrink by the
+sample fraction (d needs a copy before the inner step and a subtraction
 after it). The samples of all parameters on a device (of one working dtype) lie end to
 end in one flat buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
 
@@ -195,12 +195,21 @@ class Segment:
     """Indices of its parameters in the step's parameter list."""
     starts: list[int]
     """Where each member's block starts in the flat vector, and its total length last."""
-    weights: Tensor
-    """Per coordinate: numel / sampled of its tensor, so weighted sums estimate full ones."""
+    device: torch.device
+    dtype: torch.dtype
+    """The working dtype: float32 for float32 and narrower parameters, else float64."""
+    scaled: list[int]
+    """The members (indices into `members`) sampled in part, whose sums are weighted."""
+    scales: list[float]
+    """Their weights, numel / sampled, so weighted sums estimate the full ones (the
+    members measured whole have weight 1)."""
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.weights.dtype
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)]
+
+    def empty(self) -> Tensor:
+        return torch.empty(self.starts[-1], dtype=self.dtype, device=self.device)
 
     def gather(self, blocks: list[Tensor], *, out: Tensor | None = None) -> Tensor:
         """Its members' blocks (from a per-parameter list) as one flat vector: a copy."""
@@ -209,6 +218,19 @@ class Segment:
             return torch.cat(mine, out=out)
         flat = torch.cat(mine)
         return flat if flat.dtype == self.dtype else flat.to(self.dtype)
+
+    def pieces(self, flat: Tensor) -> list[Tensor]:
+        """The scaled members' parts of a flat vector of this segment (views)."""
+        if not self.scaled:
+            return []
+        parts = torch.split(flat, self.lengths)
+        return [parts[k] for k in self.scaled]
+
+    def weigh_(self, flat: Tensor, pieces: list[Tensor] | None = None) -> Tensor:
+        """Multiply each coordinate of `flat` by its member's weight, in place."""
+        if self.scaled:
+            torch._foreach_mul_(self.pieces(flat) if pieces is None else pieces, self.scales)
+        return flat
 
 
 @dataclass
@@ -227,7 +249,10 @@ class StepSample:
     """Per segment: the sampled gradient (unclipped: copied before any clipping). Without
     track_last_grad it is the weighted gradient itself, and `finish` reuses its room."""
     weighted_grads: list[Tensor]
-    """Per segment: the sampled gradient times the segment's weights."""
+    """Per segment: the sampled gradient times the segment's weights (a fresh tensor,
+    whose room `finish` reuses)."""
+    weighted_pieces: list[list[Tensor]]
+    """Per segment: the scaled members' parts of `weighted_grads` (views)."""
 
 
 class Trajectory:
@@ -257,8 +282,6 @@ class Trajectory:
         """Per-parameter buffers from a checkpoint, laid out flat at the next step."""
         self._plan: list[tuple[int, int, bool]] = []
         """Per parameter of the layout: (offset, end, whole) of its sampled block."""
-        self._scratch: list[Tensor] = []
-        """Per segment: room for the sampled gradient, reused every step."""
         self._views: list[tuple[int, Tensor] | None] = []
         """Per parameter of the layout: (data_ptr, sampled view of x) for plain real
         tensors, reused while the parameter keeps its storage (in-place updates,
@@ -309,10 +332,9 @@ class Trajectory:
 
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the trajectory keeps between steps (for memory accounting)."""
-        held = [s.weights for s in self._segments] + list(self._scratch)
         if self._restored is not None:
-            return [*held, *self._restored[0].values(), *self._restored[1].values()]
-        return held + list(self._descent or []) + list(self._last_grad or [])
+            return [*self._restored[0].values(), *self._restored[1].values()]
+        return list(self._descent or []) + list(self._last_grad or [])
 
     @property
     def ready(self) -> bool:
@@ -355,25 +377,24 @@ class Trajectory:
         segments = []
         for (device, dtype), members in by_kind.items():
             lengths = [self.blocks[view.params[i]][1] for i in members]
-            weights = torch.tensor([self.blocks[view.params[i]][2] for i in members], dtype=dtype)
+            weights = [self.blocks[view.params[i]][2] for i in members]
             starts = [0]
             for length in lengths:
                 starts.append(starts[-1] + length)
-            per_coordinate = weights.repeat_interleave(torch.tensor(lengths, dtype=torch.long))
-            segments.append(Segment(members, starts, per_coordinate.to(device)))
+            scaled = [k for k, weight in enumerate(weights) if weight != 1.0]
+            segments.append(Segment(members, starts, device, dtype, scaled, [weights[k] for k in scaled]))
         self._params, self._segments = list(view.params), segments
         self._plan = []
         for p in view.params:
             offset, length, _ = self.blocks[p]
             self._plan.append((offset, offset + length, length == _real(p).numel()))
         self._views = [None] * len(view.params)
-        self._scratch = [torch.empty_like(segment.weights) for segment in segments]
 
         def gather(old: dict[Tensor, Tensor]) -> list[Tensor] | None:
             """The old per-parameter buffers laid out anew; None if none is kept."""
             flats, kept_any = [], False
             for segment in segments:
-                flat = torch.zeros_like(segment.weights)  # not updated last step: d = 0
+                flat = torch.zeros_like(segment.empty())  # not updated last step: d = 0
                 for k, i in enumerate(segment.members):
                     kept = old.get(self._params[i])
                     part = flat[segment.starts[k] : segment.starts[k + 1]]
@@ -420,22 +441,20 @@ class Trajectory:
                 flat_pairs.append((p, offset, end))
             elif not (is_dtensor(p) or p.is_complex()) and g.is_contiguous():
                 views[i] = (p.data_ptr(), param_blocks[-1])
-        grads, weighted = [], []
-        for segment, scratch in zip(self._segments, self._scratch, strict=True):
-            if self.track_last_grad:  # g_t is kept for the next step: a fresh tensor
-                flat = segment.gather(grad_blocks)
-                grads.append(flat)
-                weighted.append(flat * segment.weights)
-            else:  # the unweighted gradient is not read again
-                flat = segment.gather(grad_blocks, out=scratch).mul_(segment.weights)
-                grads.append(flat)
-                weighted.append(flat)
-        return StepSample(view.params, param_blocks, copied, flat_pairs, grads, weighted)
+        grads, weighted, pieces = [], [], []
+        for segment in self._segments:
+            flat = segment.gather(grad_blocks)  # a copy: unclipped, whatever clipping follows
+            # Without track_last_grad the unweighted gradient is not read again.
+            mine = flat.clone() if self.track_last_grad else flat
+            pieces.append(segment.pieces(mine))
+            grads.append(flat)
+            weighted.append(segment.weigh_(mine, pieces[-1]))
+        return StepSample(view.params, param_blocks, copied, flat_pairs, grads, weighted, pieces)
 
     def snapshot(self, sample: StepSample) -> None:
         """Keep x_t's sample in the descent buffers before the inner step."""
         if self._descent is None:
-            self._set_descent([torch.empty_like(s.weights) for s in self._segments])
+            self._set_descent([s.empty() for s in self._segments])
         assert self._descent is not None
         for segment, buffer in zip(self._segments, self._descent, strict=True):
             segment.gather(sample.param_blocks, out=buffer)
@@ -452,19 +471,19 @@ class Trajectory:
                 blocks[i] = _real(p).reshape(-1)[offset:end]
         assert self._descent is not None
         squares, grad_dots = [], []
-        for segment, buffer, parts, weighted in zip(
-            self._segments, self._descent, self._descent_views, sample.weighted_grads, strict=True
+        for segment, buffer, parts, weighted, pieces in zip(
+            self._segments,
+            self._descent,
+            self._descent_views,
+            sample.weighted_grads,
+            sample.weighted_pieces,
+            strict=True,
         ):
             mine = blocks if len(segment.members) == len(blocks) else [blocks[i] for i in segment.members]
             torch._foreach_sub_(parts, mine)  # the buffer now holds d
             grad_dots.append(torch.dot(weighted, buffer))
-            # The weighted gradient is not needed any more (unless kept): its room takes w d.
-            scaled = (
-                buffer * segment.weights
-                if self.track_last_grad
-                else torch.mul(buffer, segment.weights, out=weighted)
-            )
-            squares.append(torch.dot(buffer, scaled))
+            # The weighted gradient is not needed any more: its room takes w d.
+            squares.append(torch.dot(buffer, segment.weigh_(weighted.copy_(buffer), pieces)))
         self.descent_sq, self.grad_dot_descent = _total(squares), _total(grad_dots)
         if self.track_last_grad:
             self._last_grad = sample.grads
@@ -478,7 +497,7 @@ class Trajectory:
         ):
             both.append(torch.dot(weighted, last))
             now_sq.append(torch.dot(weighted, grad))
-            last_sq.append(torch.dot(last * segment.weights, last))
+            last_sq.append(torch.dot(segment.weigh_(last.clone()), last))
         return _total(both), _total(now_sq), _total(last_sq)
 
     def param_grad_dot(self, sample: StepSample) -> Tensor:

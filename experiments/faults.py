@@ -1,6 +1,6 @@
 """Fault injection: does a run survive NaN/Inf gradients, poisoned batches, loss spikes, ...?
 
-    python -m experiments faults [--steps 320] [--seed 0] [--output results/faults.json]
+    python -m experiments.faults [--steps 320] [--seed 0] [--output results/faults.json]
 
 Every scenario trains the seed network (10 Linear layers 8 -> 20 -> 3, He init; see
 `adaptive_lr.seed`) for --steps minibatch steps of 64 with SGD(lr=LR, momentum=0.9) and
@@ -206,7 +206,7 @@ def table(outcomes: list[Outcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments faults", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.faults", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = run_all(args.steps, args.seed, lambda o: print(f"  {o.fault} {o.method}", file=sys.stderr))
     markdown = table(outcomes)
     print(markdown)
-    command = "python -m experiments faults " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.faults " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"\nCommand: `{command.strip()}`; torch {torch.__version__}; {platform.platform()}.")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(

@@ -47,7 +47,7 @@ BENCHMARK_COMMANDS = {
     "quadratic_limit": "python benchmarks/quadratic_limit.py",
     "overhead": "python benchmarks/overhead.py --sizes 10k 1M 10M --optimizers sgd adamw --threads 2",
     "overhead_large": (
-        "python benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 3 "
+        "python benchmarks/overhead.py --sizes 50M --optimizers sgd adamw --threads 2 --large-repeats 5 "
         "--warmup 2 --no-rss --output results/overhead_large.json"
     ),
     "overhead_tensors": (

@@ -14,8 +14,8 @@ tensor's contribution weighted by numel / sampled so the sums estimate the full 
 
 With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals cheap:
 the buffer for d (and, with ``track_successive_cosine``, for the last gradient), the
-sampled gradient copied each step and the memory traffic of the secant shrink by the
-sample fraction (d needs a copy before the inner step and a subtraction
+per-coordinate weights, the sampled gradient copied each step and the memory traffic of
+the secant shrink by the sample fraction (d needs a copy before the inner step and a subtraction
 after it). The samples of all parameters on a device (of one working dtype) lie end to
 end in one flat buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
 
@@ -198,15 +198,9 @@ class Segment:
     device: torch.device
     dtype: torch.dtype
     """The working dtype: float32 for float32 and narrower parameters, else float64."""
-    scaled: list[int]
-    """The members (indices into `members`) sampled in part, whose sums are weighted."""
-    scales: list[float]
-    """Their weights, numel / sampled, so weighted sums estimate the full ones (the
-    members measured whole have weight 1)."""
-
-    @property
-    def lengths(self) -> list[int]:
-        return [b - a for a, b in zip(self.starts[:-1], self.starts[1:], strict=True)]
+    weights: Tensor | None
+    """Per coordinate: numel / sampled of its tensor, so weighted sums estimate the full
+    ones; None when every member is measured whole (all weights 1)."""
 
     def empty(self) -> Tensor:
         return torch.empty(self.starts[-1], dtype=self.dtype, device=self.device)
@@ -219,18 +213,9 @@ class Segment:
         flat = torch.cat(mine)
         return flat if flat.dtype == self.dtype else flat.to(self.dtype)
 
-    def pieces(self, flat: Tensor) -> list[Tensor]:
-        """The scaled members' parts of a flat vector of this segment (views)."""
-        if not self.scaled:
-            return []
-        parts = torch.split(flat, self.lengths)
-        return [parts[k] for k in self.scaled]
-
-    def weigh_(self, flat: Tensor, pieces: list[Tensor] | None = None) -> Tensor:
-        """Multiply each coordinate of `flat` by its member's weight, in place."""
-        if self.scaled:
-            torch._foreach_mul_(self.pieces(flat) if pieces is None else pieces, self.scales)
-        return flat
+    def weigh_(self, flat: Tensor) -> Tensor:
+        """Multiply each coordinate of a flat vector of this segment by its weight, in place."""
+        return flat if self.weights is None else flat.mul_(self.weights)
 
 
 @dataclass
@@ -251,8 +236,6 @@ class StepSample:
     weighted_grads: list[Tensor]
     """Per segment: the sampled gradient times the segment's weights (a fresh tensor,
     whose room `finish` reuses)."""
-    weighted_pieces: list[list[Tensor]]
-    """Per segment: the scaled members' parts of `weighted_grads` (views)."""
 
 
 class Trajectory:
@@ -332,9 +315,10 @@ class Trajectory:
 
     def held_tensors(self) -> list[Tensor]:
         """Every tensor the trajectory keeps between steps (for memory accounting)."""
+        weights = [s.weights for s in self._segments if s.weights is not None]
         if self._restored is not None:
-            return [*self._restored[0].values(), *self._restored[1].values()]
-        return list(self._descent or []) + list(self._last_grad or [])
+            return [*weights, *self._restored[0].values(), *self._restored[1].values()]
+        return weights + list(self._descent or []) + list(self._last_grad or [])
 
     @property
     def ready(self) -> bool:
@@ -381,8 +365,13 @@ class Trajectory:
             starts = [0]
             for length in lengths:
                 starts.append(starts[-1] + length)
-            scaled = [k for k, weight in enumerate(weights) if weight != 1.0]
-            segments.append(Segment(members, starts, device, dtype, scaled, [weights[k] for k in scaled]))
+            per_coordinate = None
+            if any(weight != 1.0 for weight in weights):
+                per_coordinate = torch.tensor(weights, dtype=dtype).repeat_interleave(
+                    torch.tensor(lengths, dtype=torch.long)
+                )
+                per_coordinate = per_coordinate.to(device)
+            segments.append(Segment(members, starts, device, dtype, per_coordinate))
         self._params, self._segments = list(view.params), segments
         self._plan = []
         for p in view.params:
@@ -441,15 +430,13 @@ class Trajectory:
                 flat_pairs.append((p, offset, end))
             elif not (is_dtensor(p) or p.is_complex()) and g.is_contiguous():
                 views[i] = (p.data_ptr(), param_blocks[-1])
-        grads, weighted, pieces = [], [], []
+        grads, weighted = [], []
         for segment in self._segments:
             flat = segment.gather(grad_blocks)  # a copy: unclipped, whatever clipping follows
-            # Without track_last_grad the unweighted gradient is not read again.
-            mine = flat.clone() if self.track_last_grad else flat
-            pieces.append(segment.pieces(mine))
             grads.append(flat)
-            weighted.append(segment.weigh_(mine, pieces[-1]))
-        return StepSample(view.params, param_blocks, copied, flat_pairs, grads, weighted, pieces)
+            # Without track_last_grad the unweighted gradient is not read again.
+            weighted.append(segment.weigh_(flat.clone() if self.track_last_grad else flat))
+        return StepSample(view.params, param_blocks, copied, flat_pairs, grads, weighted)
 
     def snapshot(self, sample: StepSample) -> None:
         """Keep x_t's sample in the descent buffers before the inner step."""
@@ -471,19 +458,15 @@ class Trajectory:
                 blocks[i] = _real(p).reshape(-1)[offset:end]
         assert self._descent is not None
         squares, grad_dots = [], []
-        for segment, buffer, parts, weighted, pieces in zip(
-            self._segments,
-            self._descent,
-            self._descent_views,
-            sample.weighted_grads,
-            sample.weighted_pieces,
-            strict=True,
+        for segment, buffer, parts, weighted in zip(
+            self._segments, self._descent, self._descent_views, sample.weighted_grads, strict=True
         ):
             mine = blocks if len(segment.members) == len(blocks) else [blocks[i] for i in segment.members]
             torch._foreach_sub_(parts, mine)  # the buffer now holds d
             grad_dots.append(torch.dot(weighted, buffer))
             # The weighted gradient is not needed any more: its room takes w d.
-            squares.append(torch.dot(buffer, segment.weigh_(weighted.copy_(buffer), pieces)))
+            scaled = buffer if segment.weights is None else torch.mul(buffer, segment.weights, out=weighted)
+            squares.append(torch.dot(buffer, scaled))
         self.descent_sq, self.grad_dot_descent = _total(squares), _total(grad_dots)
         if self.track_last_grad:
             self._last_grad = sample.grads

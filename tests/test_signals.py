@@ -223,8 +223,14 @@ def test_descent_buffers_hold_only_the_sample():
     assert held[model[0].weight] == math.ceil(512 * 512 / 16)
     assert held[model[0].bias] == 512  # small tensors whole
     assert sum(held.values()) < 0.1 * sum(p.numel() for p in model.parameters())
-    # d is all it keeps between steps (the sampled gradient is a copy made each step).
-    assert sum(t.numel() for t in opt._trajectory.held_tensors()) == sum(held.values())
+    # Beside d it keeps the per-coordinate weights, as large (the sampled gradient is a
+    # copy made each step); a model measured whole needs no weights.
+    assert sum(t.numel() for t in opt._trajectory.held_tensors()) == 2 * sum(held.values())
+    small = nn.Linear(16, 4)
+    small_opt = adaptive_lr.wrap(torch.optim.SGD(small.parameters(), lr=0.01))
+    small(torch.randn(2, 16)).sum().backward()
+    small_opt.step()
+    assert sum(t.numel() for t in small_opt._trajectory.held_tensors()) == 16 * 4 + 4
 
 
 def test_successive_gradient_cosine_is_reported_when_tracked_and_matches_the_gradients():

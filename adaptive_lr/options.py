@@ -89,8 +89,9 @@ class ControllerOptions:
         probe_iterations: most Hessian-vector products per probe (power iteration; each
             product is a central difference of gradients, two extra closure calls). Every
             probe starts from the last one's eigenvector, so across probes the iteration
-            carries on and a few products each suffice; the first probe, from a random
-            start, may run 5 times as many.
+            carries on and a few products each suffice; the first probe, which starts at
+            the gradient (already weighted toward the top eigenvectors), may run twice as
+            many.
         probe_tolerance: a probe stops early once its Rayleigh quotient changes by at
             most this fraction between products.
         sample_fraction: fraction of each large tensor's coordinates (one contiguous block)

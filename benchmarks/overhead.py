@@ -12,9 +12,10 @@ from 1M (--batch-size overrides). Optimizers: SGD(lr=0.01, momentum=0.9), Adam(l
 AdamW(lr=1e-3, weight_decay=0.01). Methods: bare; wrapped by ``adaptive_lr.wrap`` with
 default options; and probing, wrapped with the Hessian probe at every step, which times
 a probing step. The probe mode at cadence K = --probe-every costs, amortised,
-(t_probing + (K - 1) t_wrapped) / K per step: the probe's first call runs up to
-``probe_iterations`` power iterations, later calls start from the last eigenvector and
-stop after a few, which is what a probing step here measures.
+(t_probing + (K - 1) t_wrapped) / K per step: the probe's first call starts at the
+gradient and runs up to twice ``probe_iterations`` power iterations, later calls start
+from the last eigenvector and run at most ``probe_iterations``, which is what a probing
+step here measures.
 
 Method: threads set by torch.set_num_threads(--threads) and the process pinned to that
 many CPUs (Linux); --warmup steps of each method; then repeats (--repeats up to 1M

@@ -235,7 +235,7 @@ class StepSample:
     track_last_grad it is the weighted gradient itself, and `finish` reuses its room."""
     weighted_grads: list[Tensor]
     """Per segment: the sampled gradient times the segment's weights (a fresh tensor,
-    whose room `finish` reuses)."""
+    whose room `finish` may reuse)."""
 
 
 class Trajectory:
@@ -383,7 +383,7 @@ class Trajectory:
             """The old per-parameter buffers laid out anew; None if none is kept."""
             flats, kept_any = [], False
             for segment in segments:
-                flat = torch.zeros_like(segment.empty())  # not updated last step: d = 0
+                flat = segment.empty().zero_()  # not updated last step: d = 0
                 for k, i in enumerate(segment.members):
                     kept = old.get(self._params[i])
                     part = flat[segment.starts[k] : segment.starts[k + 1]]

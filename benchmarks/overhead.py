@@ -39,7 +39,6 @@ allocator sees them; a single fresh-process reading, so take it to about a MiB.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -58,6 +57,9 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 import adaptive_lr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import command_line, write_json
 
 DEPTH = 4
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "overhead.json"
@@ -452,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 }
     seconds = time.perf_counter() - start
     tables = format_tables(results, args)
-    command = "python benchmarks/overhead.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    command = command_line("overhead.py", argv)
     print(tables)
     print()
     print(
@@ -460,7 +462,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.threads} thread(s), device {device}. Command: `{command}`. Wall time: {seconds:.0f} s. "
         f"Load average (1 min) before/after: {load_before[0]:.2f}/{os.getloadavg()[0]:.2f}."
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": machine_info(args.threads, device),
         "command": command,
@@ -471,8 +472,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "results": results,
         "markdown": tables,
     }
-    args.output.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_json(args.output, payload)
 
 
 if __name__ == "__main__":

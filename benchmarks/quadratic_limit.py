@@ -38,7 +38,6 @@ lr) and heavy ball with the optimal fixed lr and momentum under the same noise.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -53,6 +52,9 @@ import torch
 from torch.optim import Optimizer
 
 import adaptive_lr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import command_line, write_json
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "quadratic_limit.json"
 TARGET_REDUCTION = 1e-6
@@ -373,9 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     noisy = noisy_table(args, adam_lrs) if args.noise > 0 else []
     table = markdown(rows, noisy, args)
     print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "command": "python benchmarks/quadratic_limit.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("quadratic_limit.py", argv),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -387,8 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "noisy": noisy,
         "markdown": table,
     }
-    args.output.write_text(json.dumps(payload, indent=1))
-    print(f"\nwrote {args.output}", file=sys.stderr)
+    write_json(args.output, payload)
     return 0
 
 

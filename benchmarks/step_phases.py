@@ -22,7 +22,6 @@ over several runs.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -39,6 +38,7 @@ from adaptive_lr.distributed import RankReduction
 from adaptive_lr.signals import GradientView, measure, squared_norms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import command_line, write_json
 from overhead import OPTIMIZERS, build, parse_size
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "step_phases.json"
@@ -159,15 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  depth {depth} done", file=sys.stderr)
     table = markdown(results, args)
     print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "command": "python benchmarks/step_phases.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("step_phases.py", argv),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "results": results,
         "markdown": table,
     }
-    args.output.write_text(json.dumps(payload, indent=1))
-    print(f"wrote {args.output}", file=sys.stderr)
+    write_json(args.output, payload)
     return 0
 
 

@@ -1,0 +1,22 @@
+"""What every benchmark script does with its results: name the command that made them and
+write them, with that command, to a JSON file."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """``python benchmarks/<script> <arguments>``, as it was run (argv None: sys.argv)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    return f"python benchmarks/{script}" + "".join(f" {a}" for a in arguments)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {path}", file=sys.stderr)

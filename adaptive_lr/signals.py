@@ -225,11 +225,9 @@ class StepSample:
     params: list[Tensor]
     param_blocks: list[Tensor]
     """Per parameter, its sampled block of x: a view, except at the indices in `copied`."""
-    copied: list[int]
-    """Parameters whose layout has no flat view: their blocks are copies, taken again after
-    the step."""
-    flat_pairs: list[tuple[Tensor, int, int]]
-    """Per copied parameter: (parameter, offset, end), to take its block again."""
+    copied: list[tuple[int, Tensor, int, int]]
+    """(index, parameter, offset, end) of each parameter whose layout has no flat view:
+    its block is a copy, taken again after the step."""
     grads: list[Tensor]
     """Per segment: the sampled gradient (unclipped: copied before any clipping). Without
     track_last_grad it is the weighted gradient itself, and `finish` reuses its room."""
@@ -327,7 +325,7 @@ class Trajectory:
         return self.grad_dot_descent is not None and held
 
     @property
-    def tracks_last_grad(self) -> bool:
+    def has_last_grad(self) -> bool:
         """Whether the last step's sampled gradient is held (after `prepare`)."""
         return self._last_grad is not None
 
@@ -411,7 +409,7 @@ class Trajectory:
         """The sampled blocks of this step's parameters, and its sampled gradient."""
         if not _same(view.params, self._params) or self._restored is not None:
             self._relayout(view)
-        param_blocks, grad_blocks, copied, flat_pairs = [], [], [], []
+        param_blocks, grad_blocks, copied = [], [], []
         views = self._views
         for i, (p, g, (offset, end, whole)) in enumerate(
             zip(view.params, view.grads, self._plan, strict=True)
@@ -426,8 +424,7 @@ class Trajectory:
             param_blocks.append(flat_p if whole else flat_p[offset:end])
             grad_blocks.append(flat_g if whole else flat_g[offset:end])
             if not is_view:
-                copied.append(i)
-                flat_pairs.append((p, offset, end))
+                copied.append((i, p, offset, end))
             elif not (is_dtensor(p) or p.is_complex()) and g.is_contiguous():
                 views[i] = (p.data_ptr(), param_blocks[-1])
         grads, weighted = [], []
@@ -436,7 +433,7 @@ class Trajectory:
             grads.append(flat)
             # Without track_last_grad the unweighted gradient is not read again.
             weighted.append(segment.weigh_(flat.clone() if self.track_last_grad else flat))
-        return StepSample(view.params, param_blocks, copied, flat_pairs, grads, weighted)
+        return StepSample(view.params, param_blocks, copied, grads, weighted)
 
     def snapshot(self, sample: StepSample) -> None:
         """Keep x_t's sample in the descent buffers before the inner step."""
@@ -454,7 +451,7 @@ class Trajectory:
         blocks = sample.param_blocks
         if sample.copied:  # parameters without a flat view: take their blocks again
             blocks = list(blocks)
-            for i, (p, offset, end) in zip(sample.copied, sample.flat_pairs, strict=True):
+            for i, p, offset, end in sample.copied:
                 blocks[i] = _real(p).reshape(-1)[offset:end]
         assert self._descent is not None
         squares, grad_dots = [], []
@@ -523,7 +520,7 @@ def measure(
         group_sq = [norms_sq[a:b].sum() for a, b in view.group_bounds]
         parts = [norms_sq.sum(), *group_sq]
     secant = trajectory.ready
-    successive = trajectory.ready and trajectory.tracks_last_grad
+    successive = trajectory.ready and trajectory.has_last_grad
     if secant:
         parts += [trajectory.grad_dot(sample), trajectory.grad_dot_descent, trajectory.descent_sq]
     if successive:

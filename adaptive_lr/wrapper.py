@@ -293,7 +293,7 @@ class AdaptiveOptimizer(Optimizer):
         return every > 0 and self._controller_state.step % every == 0
 
     def _probe(self, closure: Callable[[], Any], view: GradientView) -> float:
-        from adaptive_lr.hessian import closure_hvp, top_eigenvalue
+        from adaptive_lr.hessian import SharpnessEstimate, closure_hvp, top_eigenvalue
 
         params = view.params
         # Warm start from the last probe's eigenvector: sharpness drifts slowly. A cold
@@ -302,20 +302,19 @@ class AdaptiveOptimizer(Optimizer):
         warm = all(p in self._probe_vector for p in params)
         hvp = closure_hvp(closure, params)
         iterations = self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR)
-        starts = [[self._probe_vector[p] for p in params]] if warm else [view.grads, None]
-        for initial in starts:
+
+        def power_iteration(initial: list[Tensor] | None) -> SharpnessEstimate:
+            return top_eigenvalue(
+                hvp, params, iterations=iterations, tolerance=self.options.probe_tolerance, initial=initial
+            )
+
+        if warm:
+            estimate = power_iteration([self._probe_vector[p] for p in params])
+        else:
             try:
-                estimate = top_eigenvalue(
-                    hvp,
-                    params,
-                    iterations=iterations,
-                    tolerance=self.options.probe_tolerance,
-                    initial=initial,
-                )
-                break
+                estimate = power_iteration(view.grads)
             except ValueError:  # a zero gradient: start at random instead
-                if initial is not view.grads:
-                    raise
+                estimate = power_iteration(None)
         self._probe_vector = dict(zip(params, estimate.vector, strict=True))
         return estimate.eigenvalue
 
@@ -431,7 +430,6 @@ class AdaptiveOptimizer(Optimizer):
             p = params[int(k)]
             # Copies in the saved dtype (the trajectory keeps at least float32), on p's device.
             if DESCENT_KEY in entries:
-                trajectory.place(p, int(k))
                 descent[p] = entries[DESCENT_KEY].to(device=p.device).clone()
             if LAST_GRAD_KEY in entries:
                 last_grad[p] = entries[LAST_GRAD_KEY].to(device=p.device).clone()

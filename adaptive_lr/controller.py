@@ -323,8 +323,11 @@ def _track_curvature(
     signals: Signals, state: ControllerState, options: ControllerOptions, context: Context
 ) -> ControllerState:
     sample = _curvature_sample(signals, state, context)
-    if signals.sharpness is not None and math.isfinite(signals.sharpness):
-        state = _evolve(state, sharpness=signals.sharpness)
+    probed = signals.sharpness
+    if probed is not None and not math.isfinite(probed):
+        probed = None
+    if probed is not None:
+        state = _evolve(state, sharpness=probed)
     if sample is None:
         return state
     decay = options.curvature_decay
@@ -338,10 +341,9 @@ def _track_curvature(
         forget = options.curvature_range_decay
         high = log_sample if high is None else max(log_sample, forget * high + (1 - forget) * log_sample)
         low = log_sample if low is None else min(log_sample, forget * low + (1 - forget) * log_sample)
-    sharpness = signals.sharpness
-    if high is not None and sharpness is not None and sharpness > 0.0 and math.isfinite(sharpness):
+    if high is not None and probed is not None and probed > 0.0:
         # The probe measures the top of the spectrum, which secant samples never reach.
-        high = max(high, math.log(sharpness))
+        high = max(high, math.log(probed))
     return _evolve(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
 
 

@@ -49,8 +49,8 @@ Per step, in this order:
 5. Momentum. For heavy-ball methods the target is the larger of the user's momentum and
    YellowFin's ``((sqrt(kappa) - 1) / (sqrt(kappa) + 1))**2`` from the range
    kappa = h_high / h_low of the curvature samples (slowly forgetting extremes, decay
-   ``curvature_range_decay``; h_high is at least the probe's top eigenvalue when the
-   probe runs), or that value alone with ``lower_momentum``; for
+   ``curvature_range_decay``; h_high is at least the last Hessian probe's top
+   eigenvalue when the probe runs), or that value alone with ``lower_momentum``; for
    EMA-momentum methods it is the user's beta1. It is then
    lowered on oscillation: ``mu = target * (1 - max(0, -c))`` with c the EMA of
    grad_cosine, and clamped to [min_momentum, max_momentum].
@@ -324,9 +324,7 @@ def _track_curvature(
 ) -> ControllerState:
     sample = _curvature_sample(signals, state, context)
     probed = signals.sharpness
-    if probed is not None and not math.isfinite(probed):
-        probed = None
-    if probed is not None:
+    if probed is not None and math.isfinite(probed):
         state = _evolve(state, sharpness=probed)
     if sample is None:
         return state
@@ -341,9 +339,11 @@ def _track_curvature(
         forget = options.curvature_range_decay
         high = log_sample if high is None else max(log_sample, forget * high + (1 - forget) * log_sample)
         low = log_sample if low is None else min(log_sample, forget * low + (1 - forget) * log_sample)
-    if high is not None and probed is not None and probed > 0.0:
-        # The probe measures the top of the spectrum, which secant samples never reach.
-        high = max(high, math.log(probed))
+    if high is not None and state.sharpness is not None and state.sharpness > 0.0:
+        # The probe measures the top of the spectrum, which secant samples never reach;
+        # its last reading holds until the next probe (it usually runs at step 0, before
+        # the first sample).
+        high = max(high, math.log(state.sharpness))
     return _evolve(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
 
 

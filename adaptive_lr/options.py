@@ -119,9 +119,9 @@ class ControllerOptions:
             problems it helps. With curvature_range_decay=0.999 (row adaptive_sgd_lower of
             benchmarks/quadratic_limit.py), iterations to the target went 143 -> 50 at
             kappa 10 and 186 -> 337 at kappa 1000, and noisy final losses 5-9x lower.
-            With the Hessian probe as well, whose top eigenvalue bounds the range from
-            above (row adaptive_sgd_probe_lower), kappa 10000 took 714 iterations against
-            optimal heavy ball's 619.
+            With the Hessian probe as well, whose last top eigenvalue bounds the range
+            from above (row adaptive_sgd_probe_lower), kappa 10000 took 608 iterations
+            against optimal heavy ball's 619.
         curvature_range_decay: per-sample decay of the slowly forgetting extremes of the
             positive secant samples (the curvature range kappa = h_high / h_low).
         cosine_decay: EMA decay of grad_cosine, the signal of recovery and oscillation.
@@ -271,8 +271,8 @@ class ControllerOptions:
         two steps instead of ten, and no update guard (the probe bounds the very first
         step by the measured top curvature). On the quadratics of
         benchmarks/quadratic_limit.py (row adaptive_sgd_full_batch), from SGD(lr=1e-3,
-        momentum=0.9), it needed 21 / 65 / 156 / 401 iterations at kappa 10 / 100 / 1000
-        / 10000 (median of 3 seeds; 33 / 77 / 170 / 428 gradient evaluations with the
+        momentum=0.9), it needed 19 / 50 / 129 / 320 iterations at kappa 10 / 100 / 1000
+        / 10000 (median of 3 seeds; 31 / 62 / 143 / 344 gradient evaluations with the
         probe's) where optimal heavy ball, which knows L and mu, needs 12 / 47 / 173 / 619,
         and optimal gradient descent 26 / 248 / 2556 / more than 20000. Under gradient
         noise or on networks the defaults are the safer choice: their margin of 0.5 leaves

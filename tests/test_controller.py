@@ -918,11 +918,24 @@ def test_a_slower_range_decay_keeps_the_curvature_range_at_least_as_wide(forget:
     assert width(fast) <= math.log(100.0) + 1e-12
 
 
-def test_the_probes_top_eigenvalue_widens_the_curvature_range_from_above() -> None:
-    options = only("momentum_control")
+@pytest.mark.parametrize(
+    ("steps", "lower_momentum"),
+    [
+        # the probe at step 3, with a secant sample
+        (((1.0, None), (2.0, None), (1.5, 400.0)), False),
+        # the probe at step 0, before any secant sample (where it usually runs): its
+        # reading bounds the range the later samples build, until the next probe
+        (((None, 400.0), (1.0, None), (2.0, None), (1.5, None)), True),
+    ],
+    ids=["probe-with-sample", "probe-before-samples"],
+)
+def test_the_last_probes_top_eigenvalue_widens_the_curvature_range_from_above(
+    steps: tuple[tuple[float | None, float | None], ...], lower_momentum: bool
+) -> None:
+    options = only("momentum_control", lower_momentum=lower_momentum)
     context = Context(lr=0.1, momentum=0.1)
     state = init_state(options)
-    for curvature, sharpness in ((1.0, None), (2.0, None), (1.5, 400.0)):  # the probe at step 3
+    for curvature, sharpness in steps:  # (secant sample, probe's top eigenvalue) per step
         signals = Signals(grad_norm=1.0, curvature=curvature, sharpness=sharpness)
         decision, state = decide(signals, state, options, context)
     assert math.isclose(state.log_curvature_high, math.log(400.0), rel_tol=1e-12)

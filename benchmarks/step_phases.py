@@ -13,7 +13,11 @@ sample before the inner step, the inner optimizer's step, and the secant's scala
 it; then the whole wrapped step and the bare one, each fed fresh gradient tensors as after
 ``zero_grad(set_to_none=True)``. Each figure is the median [min, max] over ``--repeats``
 of the mean over ``--calls`` calls, in microseconds. The phases do not add up exactly to
-the whole step: timed alone, each finds its data in cache. The spread is over repeats in
+the whole step: timed alone, each finds its data in cache. So the rows "in the step: ..."
+time the same calls inside whole wrapped steps (each call wrapped in a timer, the fresh
+gradient copies not counted), and "in the step: the rest" is what lies around them: the
+Python of ``step()`` itself, ``torch.optim``'s step hooks, the lr and momentum written
+into the param groups and back. The spread is over repeats in
 one process; from one process to the next the whole steps at 1M parameters moved by up to
 1.8x on a 2-core machine (memory placement), so compare versions at a small ``--size`` or
 over several runs.
@@ -22,11 +26,13 @@ over several runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from adaptive_lr import controller as ctl
+from adaptive_lr import wrapper
 from adaptive_lr.distributed import RankReduction
 from adaptive_lr.signals import GradientView, measure, squared_norms
 
@@ -114,11 +121,77 @@ def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> d
         "whole wrapped step": wrapped_step,
         "whole bare step": bare_step,
     }
+    timed = {name: time_call(fn, calls, repeats) for name, fn in table.items()}
+    timed.update(in_step(opt, lambda: fresh_grads(params), loss, calls, repeats))
     return {
         "depth": depth,
         "tensors": len(params),
         "parameters": sum(p.numel() for p in params),
-        "phases": {name: time_call(fn, calls, repeats) for name, fn in table.items()},
+        "phases": timed,
+    }
+
+
+@contextlib.contextmanager
+def _timers(opt: wrapper.AdaptiveOptimizer, spent: Counter[str]) -> Iterator[None]:
+    """Wrap the calls of ``opt.step`` in timers adding seconds to ``spent``; undo on exit."""
+
+    def timer(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+
+        return timed
+
+    trajectory = opt._trajectory
+    patches = [  # (owner, attribute, name in the table)
+        (GradientView, "collect", "collect gradients"),
+        (RankReduction, "for_tensors", "rank reduction"),
+        (trajectory, "prepare", "sampled blocks and gradient"),
+        (wrapper, "measure", "measure (one host sync)"),
+        (opt, "_context", "context"),
+        (ctl, "decide", "controller rule"),
+        (trajectory, "snapshot", "snapshot of the sample"),
+        (opt.optimizer, "step", "inner optimizer step"),
+        (trajectory, "finish", "secant scalars after"),
+        (opt, "_record", "record"),
+    ]
+    saved = [(owner, attribute, owner.__dict__.get(attribute)) for owner, attribute, _ in patches]
+    try:
+        for owner, attribute, name in patches:
+            setattr(owner, attribute, timer(name, getattr(owner, attribute)))
+        yield
+    finally:
+        for owner, attribute, original in saved:
+            if original is None:
+                delattr(owner, attribute)  # an instance attribute over the class's method
+            else:
+                setattr(owner, attribute, original)
+
+
+def in_step(
+    opt: wrapper.AdaptiveOptimizer, fresh: Callable[[], None], loss: torch.Tensor, calls: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    """The calls of whole wrapped steps, each timed where the step makes it [us per step]."""
+    per_repeat: dict[str, list[float]] = {}
+    for repeat in range(repeats + 1):  # the first, a warm-up
+        spent: Counter[str] = Counter()
+        total = 0.0
+        with _timers(opt, spent):
+            for _ in range(calls):
+                fresh()
+                started = time.perf_counter()
+                opt.step(loss=loss)
+                total += time.perf_counter() - started
+        if repeat == 0:
+            continue
+        rows = {**spent, "the rest": total - sum(spent.values()), "whole step (timed)": total}
+        for name, seconds in rows.items():
+            per_repeat.setdefault(f"in the step: {name}", []).append(seconds / calls * 1e6)
+    return {
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in per_repeat.items()
     }
 
 

@@ -39,9 +39,44 @@ def test_step_phases_times_every_phase_of_the_wrapped_step_for_each_depth(tmp_pa
     for result in payload["results"]:
         phases = result["phases"]
         expected = {"whole wrapped step", "whole bare step", "controller rule", "  exact gradient norm"}
+        in_step = ("inner optimizer step", "the rest", "whole step (timed)")
+        expected |= {f"in the step: {name}" for name in in_step}
         assert expected <= set(phases)
         assert all(t["min"] <= t["median"] <= t["max"] and t["min"] > 0 for t in phases.values())
     assert payload["markdown"].count("\n| ") == len(payload["results"][0]["phases"]) + 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_step_phases_times_each_call_inside_the_step_and_then_undoes_its_timers() -> None:
+    import torch
+
+    import adaptive_lr
+    from adaptive_lr import controller, signals, wrapper
+
+    step_phases = _load("step_phases")
+    model = torch.nn.Linear(8, 3)
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    originals = (wrapper.measure, controller.decide, signals.GradientView.__dict__["collect"])
+
+    def step() -> None:
+        opt.zero_grad()
+        model(torch.ones(2, 8)).sum().backward()
+        opt.step()
+
+    spent: step_phases.Counter[str] = step_phases.Counter()
+    with step_phases._timers(opt, spent):
+        for _ in range(3):
+            step()
+    # the calls the step makes were timed
+    assert {"measure (one host sync)", "controller rule", "inner optimizer step", "record"} <= set(spent)
+    assert all(seconds > 0 for seconds in spent.values())
+    # nothing is left patched: the same objects, no instance attributes over the methods
+    assert (wrapper.measure, controller.decide, signals.GradientView.__dict__["collect"]) == originals
+    assert "step" not in vars(opt.optimizer) and "_record" not in vars(opt)
+    assert "prepare" not in vars(opt._trajectory)
+    spent.clear()
+    step()
+    assert not spent
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -63,7 +64,7 @@ def test_step_phases_times_each_call_inside_the_step_and_then_undoes_its_timers(
         model(torch.ones(2, 8)).sum().backward()
         opt.step()
 
-    spent: step_phases.Counter[str] = step_phases.Counter()
+    spent: Counter[str] = Counter()
     with step_phases._timers(opt, spent):
         for _ in range(3):
             step()

@@ -296,12 +296,15 @@ def markdown(rows: list[dict[str, Any]], noisy: list[dict[str, Any]], args: argp
     kappas = args.kappas
     methods = list(dict.fromkeys(row["method"] for row in rows))
     by = {(row["kappa"], row["method"]): row for row in rows}
+    header = [
+        "| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |",
+        "|---|" + "---:|" * len(kappas),
+    ]
     lines = [
         f"Iterations to f <= 1e-6 f(x0), dim {args.dim}, median over seeds {args.seeds} "
         f"('-': not reached in {args.max_iters})",
         "",
-        "| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |",
-        "|---|" + "---:|" * len(kappas),
+        *header,
     ]
     for kappa_rate, name in (
         (lambda k: (k - 1) / (k + 1), "gd theory"),
@@ -323,15 +326,12 @@ def markdown(rows: list[dict[str, Any]], noisy: list[dict[str, Any]], args: argp
         "Gradient evaluations to the same target (closure calls: one per step, plus two per "
         "Hessian-vector product where the probe runs), median over seeds:",
         "",
-        "| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |",
-        "|---|" + "---:|" * len(kappas),
+        *header,
     ]
     for method in methods:
         cells = [_count(by[(kappa, method)]["median_gradient_evaluations"]) for kappa in kappas]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Ratio to heavy_ball_optimal (iterations):", ""]
-    lines.append("| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |")
-    lines.append("|---|" + "---:|" * len(kappas))
+    lines += ["", "Ratio to heavy_ball_optimal (iterations):", "", *header]
     for method in methods:
         cells = []
         for kappa in kappas:
@@ -348,8 +348,7 @@ def markdown(rows: list[dict[str, Any]], noisy: list[dict[str, Any]], args: argp
             f"Noisy gradients (sigma {args.noise:g} per coordinate): mean f over the last 10% of "
             f"{args.noisy_iters} steps, median over seeds",
             "",
-            "| method | " + " | ".join(f"kappa {k:g}" for k in kappas) + " |",
-            "|---|" + "---:|" * len(kappas),
+            *header,
         ]
         for method in methods:
             cells = [f"{nby[(k, method)]['median_final_f']:.3g}" for k in kappas]

@@ -64,7 +64,11 @@ def time_call(fn: Callable[[], object], calls: int, repeats: int) -> dict[str, f
             for _ in range(calls):
                 fn()
             means.append((time.perf_counter() - started) / calls * 1e6)
-    return {"median": statistics.median(means), "min": min(means), "max": max(means)}
+    return _spread(means)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> dict[str, Any]:
@@ -190,9 +194,7 @@ def in_step(
         rows = {**spent, "the rest": total - sum(spent.values()), "whole step (timed)": total}
         for name, seconds in rows.items():
             per_repeat.setdefault(f"in the step: {name}", []).append(seconds / calls * 1e6)
-    return {
-        name: {"median": statistics.median(v), "min": min(v), "max": max(v)} for name, v in per_repeat.items()
-    }
+    return {name: _spread(values) for name, values in per_repeat.items()}
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:

@@ -162,56 +162,108 @@ def closure_hvp(
     if gradient is not None:
         _check_like_params(gradient, params, "gradient")
         base = [g.detach().clone() for g in gradient]
+    saved: _SavedPoint | None = None
 
-    def gradient_at_current_params() -> list[Tensor]:
+    def gradient_at_current_params(*, keep: bool) -> list[Tensor]:
         for p in params:
             p.grad = None
         with torch.enable_grad():
             closure()
-        # Clone: .grad may be a view into a buffer the next backward reuses (DDP buckets).
-        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+        # Cloned where it must outlive the next closure call (.grad may be a buffer that
+        # call's backward reuses) and where it is a view (of DDP's buckets, say), which
+        # the restore of the caller's gradients would overwrite.
+        return [
+            torch.zeros_like(p)
+            if p.grad is None
+            else (p.grad.detach().clone() if keep or p.grad._is_view() else p.grad.detach())
+            for p in params
+        ]
 
     def hvp(vector: list[Tensor]) -> list[Tensor]:
+        nonlocal saved
         _check_like_params(vector, params, "vector")
-        saved_values = [p.detach().clone() for p in params]
-        saved_grads = [p.grad for p in params]
-        saved_grad_values = [None if g is None else g.detach().clone() for g in saved_grads]
+        if saved is None or not saved.still_current(params):
+            saved = _SavedPoint(params)
+        point = saved
         try:
             # Scale-aware step: rounding of x + eps v is relative to ||x||, so the step must
             # grow with ||x|| to stay above it; the 1 keeps it from vanishing near x = 0;
             # dividing by ||v|| makes the shift independent of v's scale (Hv is linear in v).
             # eps stays a device tensor, so the probe adds no host sync.
-            x_norm = _global_norm(saved_values)
             v_norm = _global_norm(vector)
             # A zero v gives Hv = 0 with any finite eps; 1 avoids 0/0.
-            eps = torch.where(v_norm > 0, relative_step * (1 + x_norm) / v_norm, 1.0)
+            eps = torch.where(v_norm > 0, relative_step * (1 + point.norm) / v_norm, 1.0)
             eps_per_tensor = [eps.to(p.device) for p in params]
             shift = torch._foreach_mul(vector, eps_per_tensor)
             with torch.no_grad():
                 torch._foreach_add_(params, shift)
-            grad_plus = gradient_at_current_params()
+            grad_plus = gradient_at_current_params(keep=base is None)
             if base is not None:
                 torch._foreach_sub_(grad_plus, base)  # in place: the product
                 torch._foreach_div_(grad_plus, eps_per_tensor)
                 return grad_plus
             with torch.no_grad():
-                torch._foreach_copy_(params, saved_values)
-                torch._foreach_sub_(params, shift)
+                for p, x, s in zip(params, point.values, shift, strict=True):
+                    torch.sub(x, s, out=p)  # x - eps v, rounded as from x itself
             del shift  # one parameter-sized buffer fewer while the closure runs again
-            grad_minus = gradient_at_current_params()
+            grad_minus = gradient_at_current_params(keep=False)
             torch._foreach_sub_(grad_plus, grad_minus)  # in place: the product
             del grad_minus
             torch._foreach_div_(grad_plus, torch._foreach_mul(eps_per_tensor, 2.0))
             return grad_plus
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved_values)
-                for p, grad, values in zip(params, saved_grads, saved_grad_values, strict=True):
-                    if grad is not None:
-                        grad.copy_(values)  # in case a view of it was written to
-                    p.grad = grad
+            point.restore(params)
 
     return hvp
+
+
+class _SavedPoint:
+    """The parameters and gradients a Hessian-vector product must leave as it found them.
+
+    Kept from one product to the next of a probe: while every parameter and every
+    ``.grad`` is the same tensor, at the same address, with the same version counter
+    (which in-place writes bump) as after the last restore, the copies are current and
+    the next product saves nothing again.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.values = [p.detach().clone() for p in params]
+        self.norm = _global_norm(self.values)
+        self.grads = [p.grad for p in params]
+        self.grad_values = [None if g is None else g.detach().clone() for g in self.grads]
+        self.keys = self._keys(params)
+
+    def _keys(self, params: list[Tensor]) -> list[tuple[int, int] | None]:
+        return [_key(t) for t in params] + [None if g is None else _key(g) for g in self.grads]
+
+    def still_current(self, params: list[Tensor]) -> bool:
+        if not all(p.grad is g for p, g in zip(params, self.grads, strict=True)):
+            return False
+        keys = self._keys(params)
+        tensors = [*params, *self.grads]
+        plain = all(key is not None for key, t in zip(keys, tensors, strict=True) if t is not None)
+        return plain and keys == self.keys
+
+    def restore(self, params: list[Tensor]) -> None:
+        """Every parameter bit for bit, every ``.grad`` the same tensor with the same values."""
+        grad_keys = self.keys[len(params) :]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.values)
+            for p, grad, values, key in zip(params, self.grads, self.grad_values, grad_keys, strict=True):
+                # Copied back if it may have been written to: a view (of a buffer the
+                # closure's backward reuses, e.g. DDP's buckets), or a tensor whose
+                # version moved (a buffer the closure put back in .grad).
+                if grad is not None and (grad._is_view() or key is None or _key(grad) != key):
+                    grad.copy_(values)
+                p.grad = grad
+        self.keys = self._keys(params)
+
+
+def _key(t: Tensor) -> tuple[int, int] | None:
+    """(address, version counter) of a plain tensor; None for tensor subclasses."""
+    if type(t) not in (Tensor, torch.nn.Parameter):
+        return None
+    return (t.data_ptr(), t._version)
 
 
 def top_eigenvalue(
@@ -275,22 +327,24 @@ def top_eigenvalue(
             for p in params
         ]
 
+    # Checked before any product is spent. The start vector is not normalised (that
+    # would cost a pass over it), hence the / v'v below; later vectors have unit norm.
+    squared_norm = _global_dot(vector, vector).item()
+    if squared_norm == 0:
+        raise ValueError("initial must be a nonzero vector")
     previous = math.nan
     eigenvalue = math.nan
     converged = False
     completed = 0
     for completed in range(1, iterations + 1):
         product = [h.detach() for h in hvp(vector)]
-        # The start vector is not normalised (that would cost a sync), hence the / v'v.
-        curvature, squared_norm, product_norm = torch.stack(
-            [
-                _global_dot(vector, product),
-                _global_dot(vector, vector),
-                _global_norm(product),
-            ]
-        ).tolist()  # the one host sync of this iteration
-        if squared_norm == 0:
-            raise ValueError("initial must be a nonzero vector")
+        scalars = [_global_dot(vector, product), _global_norm(product)]
+        if completed > 1:
+            scalars.append(_global_dot(vector, vector))
+        values = torch.stack(scalars).tolist()  # the one host sync of this iteration
+        curvature, product_norm = values[:2]
+        if completed > 1:
+            squared_norm = values[2]
         eigenvalue = curvature / squared_norm
         if not math.isfinite(eigenvalue):
             break
@@ -404,11 +458,22 @@ def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def _global_dot(left: Sequence[Tensor], right: Sequence[Tensor]) -> Tensor:
-    """``sum_i <left_i, right_i>``, as a 0-dim tensor on the first tensor's device."""
+    """``sum_i <left_i, right_i>``, as a 0-dim tensor on the first tensor's device.
+
+    Pairs of contiguous float32 or float64 tensors of one dtype go through ``torch.dot``,
+    which reads both once; the others are multiplied, then summed in at least float32.
+    """
     first = left[0]
     dtype = _common_dtype(left)
-    products = torch._foreach_mul(list(left), list(right))
-    return torch.stack([t.sum(dtype=dtype).to(device=first.device) for t in products]).sum()
+    terms = []
+    for a, b in zip(left, right, strict=True):
+        same = a.dtype == b.dtype and a.dtype in (torch.float32, torch.float64)
+        if same and a.is_contiguous() and b.is_contiguous():
+            term = torch.dot(a.view(-1), b.view(-1))
+        else:
+            term = torch.mul(a, b).sum(dtype=dtype)
+        terms.append(term.to(device=first.device, dtype=dtype))
+    return torch.stack(terms).sum()
 
 
 def _common_dtype(tensors: Sequence[Tensor]) -> torch.dtype:

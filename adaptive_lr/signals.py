@@ -25,8 +25,10 @@ methods d is the actual update, so grad_cosine < 0 says the gradient has turned 
 the step just taken (overshoot), and step_sharpness measures the curvature along the
 update in the optimizer's own metric.
 
-All scalars of a step are stacked into one float64 vector and read back with a single
-``.tolist()``: one host sync per step.
+All scalars of a step are stacked into one vector and read back with a single
+``.tolist()``: one host sync per step. The terms of the gradient norms are summed on the
+host, in float64: one dot per large gradient, and one per device and param group over
+the small gradients, which the sample holds whole (they are laid out first in it).
 """
 
 from __future__ import annotations
@@ -120,6 +122,14 @@ def _stack(scalars: Sequence[Tensor]) -> Tensor:
         return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
 
 
+def _stack_as_is(scalars: Sequence[Tensor]) -> Tensor:
+    """0-d tensors into one vector of their common dtype (float64 only where one is)."""
+    try:
+        return torch.stack(list(scalars))  # one device, one dtype: the common case
+    except RuntimeError:  # several devices
+        return _stack(scalars)
+
+
 def _total(scalars: list[Tensor]) -> Tensor:
     """The sum of per-segment scalars (zero for none)."""
     if not scalars:
@@ -192,7 +202,8 @@ class Segment:
     """The sampled coordinates of the step's parameters on one device, laid end to end."""
 
     members: list[int]
-    """Indices of its parameters in the step's parameter list."""
+    """Indices of its parameters in the step's parameter list: those measured whole
+    first, by param group, then the sampled ones."""
     starts: list[int]
     """Where each member's block starts in the flat vector, and its total length last."""
     device: torch.device
@@ -201,13 +212,19 @@ class Segment:
     weights: Tensor | None
     """Per coordinate: numel / sampled of its tensor, so weighted sums estimate the full
     ones; None when every member is measured whole (all weights 1)."""
+    whole_runs: list[tuple[int, int, int]]
+    """(param group, start, end) of each run of members measured whole, one per group:
+    there the flat sampled gradient is the whole gradient, so one dot gives their exact
+    squared norm."""
+    in_order: bool
+    """Whether the members are the step's parameters in their own order (no reindexing)."""
 
     def empty(self) -> Tensor:
         return torch.empty(self.starts[-1], dtype=self.dtype, device=self.device)
 
     def gather(self, blocks: list[Tensor], *, out: Tensor | None = None) -> Tensor:
         """Its members' blocks (from a per-parameter list) as one flat vector: a copy."""
-        mine = blocks if len(self.members) == len(blocks) else [blocks[i] for i in self.members]
+        mine = blocks if self.in_order else [blocks[i] for i in self.members]
         if out is not None:
             return torch.cat(mine, out=out)
         flat = torch.cat(mine)
@@ -269,6 +286,10 @@ class Trajectory:
         load_state_dict)."""
         self._descent_views: list[list[Tensor]] = []
         """Per segment: each member's part of the descent buffer."""
+        self._group_bounds: list[tuple[int, int]] = []
+        """The param groups' bounds in the step's parameter list, as laid out."""
+        self._group_of: list[int] = []
+        """Per parameter of the layout: its param group."""
 
     def __getstate__(self) -> dict:
         # The cached views are not copied (deepcopy, pickle): a copy rebuilds them for its
@@ -356,25 +377,36 @@ class Trajectory:
             real = _real(p)
             kind = (real.device, torch.promote_types(torch.float32, real.dtype))
             by_kind.setdefault(kind, []).append(i)
+        self._plan = []
+        for p in view.params:
+            offset, length, _ = self.blocks[p]
+            self._plan.append((offset, offset + length, length == _real(p).numel()))
+        group_of = [g for g, (a, b) in enumerate(view.group_bounds) for _ in range(a, b)]
         segments = []
-        for (device, dtype), members in by_kind.items():
+        for (device, dtype), kind_members in by_kind.items():
+            # Members measured whole first, by group, so each group's are one run.
+            members = sorted(kind_members, key=lambda i: (not self._plan[i][2], group_of[i], i))
             lengths = [self.blocks[view.params[i]][1] for i in members]
             weights = [self.blocks[view.params[i]][2] for i in members]
             starts = [0]
             for length in lengths:
                 starts.append(starts[-1] + length)
+            runs: dict[int, tuple[int, int]] = {}
+            for k, i in enumerate(members):
+                if self._plan[i][2]:
+                    runs[group_of[i]] = (runs.get(group_of[i], (starts[k],))[0], starts[k + 1])
             per_coordinate = None
             if any(weight != 1.0 for weight in weights):
                 per_coordinate = torch.tensor(weights, dtype=dtype).repeat_interleave(
                     torch.tensor(lengths, dtype=torch.long)
                 )
                 per_coordinate = per_coordinate.to(device)
-            segments.append(Segment(members, starts, device, dtype, per_coordinate))
+            in_order = members == list(range(len(view.params)))
+            whole_runs = [(group, a, b) for group, (a, b) in runs.items()]
+            segments.append(Segment(members, starts, device, dtype, per_coordinate, whole_runs, in_order))
         self._params, self._segments = list(view.params), segments
-        self._plan = []
-        for p in view.params:
-            offset, length, _ = self.blocks[p]
-            self._plan.append((offset, offset + length, length == _real(p).numel()))
+        self._group_bounds = list(view.group_bounds)
+        self._group_of = group_of
         self._views = [None] * len(view.params)
 
         def gather(old: dict[Tensor, Tensor]) -> list[Tensor] | None:
@@ -407,7 +439,11 @@ class Trajectory:
     # -- the step ---------------------------------------------------------------------------
     def prepare(self, view: GradientView) -> StepSample:
         """The sampled blocks of this step's parameters, and its sampled gradient."""
-        if not _same(view.params, self._params) or self._restored is not None:
+        if (
+            not _same(view.params, self._params)
+            or view.group_bounds != self._group_bounds
+            or self._restored is not None
+        ):
             self._relayout(view)
         param_blocks, grad_blocks, copied = [], [], []
         views = self._views
@@ -458,7 +494,7 @@ class Trajectory:
         for segment, buffer, parts, weighted in zip(
             self._segments, self._descent, self._descent_views, sample.weighted_grads, strict=True
         ):
-            mine = blocks if len(segment.members) == len(blocks) else [blocks[i] for i in segment.members]
+            mine = blocks if segment.in_order else [blocks[i] for i in segment.members]
             torch._foreach_sub_(parts, mine)  # the buffer now holds d
             grad_dots.append(torch.dot(weighted, buffer))
             # The weighted gradient is not needed any more: its room takes w d.
@@ -467,6 +503,39 @@ class Trajectory:
         self.descent_sq, self.grad_dot_descent = _total(squares), _total(grad_dots)
         if self.track_last_grad:
             self._last_grad = sample.grads
+
+    def grad_norm_terms(self, view: GradientView, sample: StepSample) -> tuple[list[Tensor], list[int], int]:
+        """0-d tensors whose sums per param group are the groups' exact squared gradient norms.
+
+        Returns (terms, the group of each, how many are squared norms): the terms after
+        those are norms, to be squared on the host. Members measured whole contribute one
+        dot per segment and group over the sampled gradient, which holds all of their
+        coordinates; each other gradient one ``torch.dot`` (float32 and float64 contiguous
+        tensors, a BLAS call) or, for the rest, a norm from one foreach call, which
+        accumulates half-precision tensors in float32.
+        """
+        terms: list[Tensor] = []
+        groups: list[int] = []
+        by_norm: list[int] = []
+        for segment, grad in zip(self._segments, sample.grads, strict=True):
+            for group, a, b in segment.whole_runs:
+                part = grad if b - a == grad.numel() else grad[a:b]
+                terms.append(torch.dot(part, part))
+                groups.append(group)
+        for i, (g, (_, _, whole)) in enumerate(zip(view.grads, self._plan, strict=True)):
+            if whole:
+                continue
+            if g.dtype in _DOT_DTYPES and g.is_contiguous():
+                flat = g.view(-1)
+                terms.append(torch.dot(flat, flat))
+                groups.append(self._group_of[i])
+            else:
+                by_norm.append(i)
+        squared = len(terms)
+        if by_norm:
+            terms += torch._foreach_norm([view.grads[i] for i in by_norm])
+            groups += [self._group_of[i] for i in by_norm]
+        return terms, groups, squared
 
     def successive_grad_products(self, sample: StepSample) -> tuple[Tensor, Tensor, Tensor]:
         """Estimates of <g_t, g_{t-1}>, ||g_t||^2 and ||g_{t-1}||^2 on the shared sample."""
@@ -512,13 +581,8 @@ def measure(
 
     Returns the signals for the controller and the per-group gradient norms.
     """
-    norms_sq = squared_norms(view.grads, ordered=len(view.group_bounds) > 1)
-    if len(view.group_bounds) == 1:
-        group_sq = [norms_sq.sum()]
-        parts: list[Tensor] = [group_sq[0], group_sq[0]]
-    else:
-        group_sq = [norms_sq[a:b].sum() for a, b in view.group_bounds]
-        parts = [norms_sq.sum(), *group_sq]
+    terms, term_groups, squared = trajectory.grad_norm_terms(view, sample)
+    parts: list[Tensor] = list(terms)
     secant = trajectory.ready
     successive = trajectory.ready and trajectory.has_last_grad
     if secant:
@@ -531,15 +595,24 @@ def measure(
     loss_in_vector = isinstance(loss, Tensor) or (reduction is not None and loss is not None)
     if loss_in_vector:
         loss_part = loss.detach().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
-        parts.append(loss_part.to(device=parts[0].device))
-    stacked = _stack(parts)
+        parts.append(loss_part.to(device=parts[0].device) if parts else loss_part)
     if reduction is not None:
-        stacked = reduction(stacked, averaged=[len(parts) - 1] if loss_in_vector else [])
-    values = stacked.tolist()
+        stacked = _stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        values = reduction(stacked, averaged=[len(parts) - 1] if loss_in_vector else []).tolist()
+    elif parts:
+        values = _stack_as_is(parts).tolist()  # float32 scalars stay float32: exact on the host
+    else:
+        values = []
 
-    total_sq = values[0]
-    groups = [v**0.5 for v in values[1 : 1 + len(group_sq)]]
-    rest = values[1 + len(group_sq) :]
+    # A sum of squares past the gradient dtype's range (float32: a norm above 1.8e19) reads
+    # as inf, and the step is skipped as for a non-finite gradient: Adam's or Adagrad's
+    # squares of that gradient would overflow their state.
+    group_sq = [0.0] * len(view.group_bounds)
+    for k, (value, group) in enumerate(zip(values, term_groups, strict=False)):
+        group_sq[group] += value if k < squared else value * value
+    total_sq = sum(group_sq)
+    groups = [v**0.5 for v in group_sq]
+    rest = values[len(terms) :]
     grad_norm = total_sq**0.5
     curvature = step_sharpness = grad_cosine = step_size = successive_cosine = None
     if secant:

@@ -212,7 +212,6 @@ class AdaptiveOptimizer(Optimizer):
                 "the Hessian probe (curvature_probe_every > 0) does not support sharded (FSDP2) "
                 "parameters; set curvature_probe_every=0"
             )
-        sharpness = self._probe(closure, view) if probe_due else None
         sample = self._trajectory.prepare(view)
         signals, group_norms = measure(
             view,
@@ -222,8 +221,11 @@ class AdaptiveOptimizer(Optimizer):
             param_grad=self.options.anneal,
             reduction=reduction,
         )
-        if sharpness is not None:
-            signals = ctl.Signals(**{**asdict(signals), "sharpness": sharpness})
+        if probe_due:
+            # The probe leaves parameters and gradients as it found them: what was just
+            # measured stays true.
+            usable_gradient = math.isfinite(signals.grad_norm) and signals.grad_norm > 0.0
+            signals = replace(signals, sharpness=self._probe(closure, view, usable_gradient))
 
         context = self._context()
         decision, new_state = ctl.decide(signals, self._controller_state, self.options, context)
@@ -292,29 +294,27 @@ class AdaptiveOptimizer(Optimizer):
         every = self.options.curvature_probe_every
         return every > 0 and self._controller_state.step % every == 0
 
-    def _probe(self, closure: Callable[[], Any], view: GradientView) -> float:
-        from adaptive_lr.hessian import SharpnessEstimate, closure_hvp, top_eigenvalue
+    def _probe(self, closure: Callable[[], Any], view: GradientView, usable_gradient: bool) -> float:
+        """The top Hessian eigenvalue; `usable_gradient`: the gradient is finite and nonzero."""
+        from adaptive_lr.hessian import closure_hvp, top_eigenvalue
 
         params = view.params
         # Warm start from the last probe's eigenvector: sharpness drifts slowly. A cold
         # start begins at the gradient, which the Hessian has already weighted toward its
-        # top eigenvectors (g = H x on a quadratic): a power iteration ahead of a random start.
+        # top eigenvectors (g = H x on a quadratic): a power iteration ahead of a random
+        # start. A zero or non-finite gradient starts at random instead.
         warm = all(p in self._probe_vector for p in params)
-        hvp = closure_hvp(closure, params)
-        iterations = self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR)
-
-        def power_iteration(initial: list[Tensor] | None) -> SharpnessEstimate:
-            return top_eigenvalue(
-                hvp, params, iterations=iterations, tolerance=self.options.probe_tolerance, initial=initial
-            )
-
         if warm:
-            estimate = power_iteration([self._probe_vector[p] for p in params])
+            initial: list[Tensor] | None = [self._probe_vector[p] for p in params]
         else:
-            try:
-                estimate = power_iteration(view.grads)
-            except ValueError:  # a zero gradient: start at random instead
-                estimate = power_iteration(None)
+            initial = view.grads if usable_gradient else None
+        estimate = top_eigenvalue(
+            closure_hvp(closure, params),
+            params,
+            iterations=self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR),
+            tolerance=self.options.probe_tolerance,
+            initial=initial,
+        )
         self._probe_vector = dict(zip(params, estimate.vector, strict=True))
         return estimate.eigenvalue
 

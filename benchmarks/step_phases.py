@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from adaptive_lr import controller as ctl
 from adaptive_lr import wrapper
 from adaptive_lr.distributed import RankReduction
-from adaptive_lr.signals import GradientView, measure, squared_norms
+from adaptive_lr.signals import GradientView, measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, write_json
@@ -115,7 +115,7 @@ def phases(size: int, depth: int, optimizer: str, calls: int, repeats: int) -> d
         "rank reduction": lambda: RankReduction.for_tensors(view.params, enabled=True),
         "sampled blocks and gradient": lambda: trajectory.prepare(view),
         "measure (one host sync)": lambda: measure(view, trajectory, sample, loss),
-        "  exact gradient norm": lambda: squared_norms(view.grads),
+        "  exact gradient norm": lambda: trajectory.grad_norm_terms(view, sample),
         "  secant dot product": lambda: trajectory.grad_dot(sample),
         "controller rule": lambda: ctl.decide(signals, opt._controller_state, opt.options, context),
         "snapshot of the sample": lambda: trajectory.snapshot(sample),

@@ -449,6 +449,60 @@ def test_closure_hvp_restores_parameters_and_grads_when_the_closure_raises() -> 
     assert_unchanged(network.params, values, grads)
 
 
+def test_closure_hvp_after_an_in_place_change_of_the_parameters_works_at_the_new_point() -> None:
+    """Products of one closure_hvp reuse the saved point only while nothing wrote to it."""
+    network = network_with_stale_grads()
+    hvp = closure_hvp(network.closure, network.params)
+    vector = [torch.ones_like(p) for p in network.params]
+    hvp(vector)
+    with torch.no_grad():
+        network.params[0].add_(0.5)  # an optimizer step between two products
+    values, grads = snapshot(network.params)
+    product = hvp(vector)
+    assert_unchanged(network.params, values, grads)  # the new point, not the saved one
+    fresh = closure_hvp(network.closure, network.params)(vector)
+    assert all(torch.equal(a, b) for a, b in zip(product, fresh, strict=True))
+
+
+def test_closure_hvp_restores_grads_the_closure_writes_into() -> None:
+    """A closure that accumulates into the caller's gradient tensors (a buffer put back in
+    .grad, as gradient-buffer setups do) still leaves their values as found."""
+    network = network_with_stale_grads()
+    values, grads = snapshot(network.params)
+    buffers = [p.grad for p in network.params]
+
+    def closure_into_buffers() -> Tensor:
+        for p, buffer in zip(network.params, buffers, strict=True):
+            if buffer is not None:
+                buffer.zero_()
+                p.grad = buffer
+        loss = network.loss()
+        loss.backward()
+        return loss
+
+    vector = [torch.ones_like(p) for p in network.params]
+    product = closure_hvp(closure_into_buffers, network.params)(vector)
+    assert_unchanged(network.params, values, grads)
+    assert all(p.grad is b for p, b in zip(network.params, buffers, strict=True))
+    expected = closure_hvp(network.closure, network.params)(vector)
+    assert all(torch.equal(a, b) for a, b in zip(product, expected, strict=True))
+
+
+def test_top_eigenvalue_rejects_a_zero_start_before_spending_a_product() -> None:
+    quadratic = log_spaced_quadratic(torch.float64)
+    exact = autograd_hvp(quadratic.loss, quadratic.params)
+    products = 0
+
+    def counted(vector: list[Tensor]) -> list[Tensor]:
+        nonlocal products
+        products += 1
+        return exact(vector)
+
+    with pytest.raises(ValueError, match="initial must be a nonzero vector"):
+        top_eigenvalue(counted, quadratic.params, initial=[torch.zeros_like(p) for p in quadratic.params])
+    assert products == 0
+
+
 # -- the estimate -------------------------------------------------------------------
 
 

@@ -326,3 +326,43 @@ def test_secant_restarts_cleanly_when_parameters_stop_and_start_getting_gradient
     for record in list(opt.history)[1:]:
         assert record.curvature is not None
         assert 0.1 - 1e-9 <= record.curvature <= 10.0 + 1e-9
+
+
+def test_group_norms_and_descent_are_exact_when_sampled_and_whole_parameters_interleave_in_groups():
+    """Whole parameters are laid out first in the flat sample, by group; every gradient
+    norm and every parameter's sampled descent still lands in the right place."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(200, 100), nn.Linear(100, 50)  # weights sampled, biases whole
+    groups = [
+        {"params": [first.weight, second.bias]},
+        {"params": [first.bias, second.weight], "lr": 0.05},
+    ]
+    opt = adaptive_lr.wrap(torch.optim.SGD(groups, lr=0.1, momentum=0.9))
+    inputs = torch.randn(8, 200)
+    for _ in range(3):
+        opt.zero_grad()
+        second(torch.tanh(first(inputs))).pow(2).mean().backward()
+        expected = [
+            math.sqrt(sum(float(p.grad.double().square().sum()) for p in group["params"])) for group in groups
+        ]
+        before = {p: p.detach().clone() for group in groups for p in group["params"]}
+        opt.step()
+        assert opt.history[-1].group_grad_norms == pytest.approx(expected, rel=1e-6)
+        for p, old in before.items():
+            offset, length, _ = opt._trajectory.blocks[p]
+            block = slice(offset, offset + length)
+            assert torch.equal(opt._trajectory.descent[p], (old - p.detach()).view(-1)[block])
+    assert opt._trajectory.blocks[second.weight][1] < second.weight.numel()  # sampled
+
+
+@pytest.mark.parametrize("numel", [20_000, 100], ids=["sampled", "whole"])
+def test_a_gradient_whose_squared_norm_overflows_float32_is_skipped_like_a_non_finite_one(numel):
+    """Adagrad's sum of squares would overflow on it: the step is skipped, nothing moves."""
+    x = nn.Parameter(torch.ones(numel))
+    opt = adaptive_lr.wrap(torch.optim.Adagrad([x], lr=0.1))
+    x.grad = torch.full((numel,), 1e19)  # each square 1e38; their sum is past float32's 3.4e38
+    opt.step()
+    assert opt.history[-1].event == "skip"
+    assert opt.history[-1].grad_norm == math.inf
+    assert torch.equal(x.detach(), torch.ones(numel))
+    assert torch.equal(opt.state[x]["sum"], torch.zeros(numel))

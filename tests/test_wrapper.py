@@ -697,6 +697,29 @@ def test_a_cold_probe_at_a_zero_gradient_starts_at_random_instead():
     assert torch.count_nonzero(x) == 0  # a zero gradient moves nothing
 
 
+def test_a_value_error_from_the_closure_inside_a_cold_probe_propagates_without_a_retry():
+    """The zero-gradient fallback is decided from the measured norm, so the probe never
+    mistakes the closure's own ValueError for a zero start vector and calls it again."""
+    x = nn.Parameter(torch.ones(5))
+    opt = adaptive_lr.wrap(torch.optim.SGD([x], lr=0.1), curvature_probe_every=1)
+    calls = 0
+
+    def closure():
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the probe's first call
+            raise ValueError("bad batch")
+        opt.zero_grad()
+        loss = (x * x).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="bad batch"):
+        opt.step(closure)
+    assert calls == 2
+    assert torch.equal(x.detach(), torch.ones(5))
+
+
 def test_grad_scaler_overflow_steps_never_reach_the_controller_and_norms_are_unscaled():
     model = make_model()
     opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))

@@ -464,6 +464,33 @@ def test_closure_hvp_after_an_in_place_change_of_the_parameters_works_at_the_new
     assert all(torch.equal(a, b) for a, b in zip(product, fresh, strict=True))
 
 
+def test_closure_hvp_saves_the_point_once_per_run_of_products_and_again_after_a_write(monkeypatch) -> None:
+    import adaptive_lr.hessian as hessian
+
+    saves = 0
+    original = hessian._SavedPoint.__init__
+
+    def counted(self, params):
+        nonlocal saves
+        saves += 1
+        original(self, params)
+
+    monkeypatch.setattr(hessian._SavedPoint, "__init__", counted)
+    network = network_with_stale_grads()
+    hvp = closure_hvp(network.closure, network.params)
+    vector = [torch.ones_like(p) for p in network.params]
+    for _ in range(3):
+        hvp(vector)
+    assert saves == 1
+    with torch.no_grad():
+        network.params[1].mul_(0.5)
+    hvp(vector)
+    assert saves == 2
+    network.params[0].grad = torch.zeros_like(network.params[0])  # another gradient tensor
+    hvp(vector)
+    assert saves == 3
+
+
 def test_closure_hvp_restores_grads_the_closure_writes_into() -> None:
     """A closure that accumulates into the caller's gradient tensors (a buffer put back in
     .grad, as gradient-buffer setups do) still leaves their values as found."""

@@ -131,7 +131,10 @@ def closure_hvp(
     Afterwards, even if the closure raises, every parameter holds bit-for-bit its value
     from before the call (restored from a copy, not by subtracting the shift), and every
     ``p.grad`` is the same tensor object (or ``None``) holding the same values, so the
-    caller's optimizer step proceeds as if no probe happened.
+    caller's optimizer step proceeds as if no probe happened. The copies are taken once
+    for a run of products and kept while every parameter and ``.grad`` stays the same
+    tensor with the same version counter (any in-place write, an optimizer step
+    included, takes them again).
 
     Limitation: the closure must be a deterministic function of the parameters. Dropout
     draws different masks for the two points (the difference is then noise, not

@@ -134,7 +134,8 @@ def closure_hvp(
     caller's optimizer step proceeds as if no probe happened. The copies are taken once
     for a run of products and kept while every parameter and ``.grad`` stays the same
     tensor with the same version counter (any in-place write, an optimizer step
-    included, takes them again).
+    included, takes them again); they hold a parameter-sized buffer and a gradient-sized
+    one as long as the returned function lives.
 
     Limitation: the closure must be a deterministic function of the parameters. Dropout
     draws different masks for the two points (the difference is then noise, not

@@ -3,7 +3,7 @@
     python benchmarks/overhead.py [--sizes 10k 1M] [--depths 4] [--optimizers sgd adam]
                                   [--threads 1] [--repeats 15] [--large-repeats 5]
                                   [--steps 100] [--warmup 10] [--batch-size N]
-                                  [--probe-every 100] [--output results/overhead.json]
+                                  [--probe-every 100] [--control] [--output results/overhead.json]
 
 Model: an MLP of --depths Linear(width, width) layers (2 tensors each) with ReLU between
 them, width chosen so the parameter count is close to each size; cross-entropy on one
@@ -25,7 +25,10 @@ backward order on alternate repeats so that drift of the machine hits all alike.
 method is called as ``opt.step(closure)``. Each repeat gives a time per training step
 (the whole call: zero_grad, forward, backward, step) and a time per optimizer step (that
 minus the step's first closure call). Reported: median [min, max] over the repeats, and
-the ratio to bare computed per repeat, median [min, max].
+the ratio to bare computed per repeat, median [min, max]. With --control, a second bare
+copy of the model, built alike, is timed among them: its ratio to the first is what
+placement in memory alone moves, and a table splits the training step of bare, wrapped
+and that copy into forward/backward (the step's first closure call) and optimizer step.
 
 Memory: the bytes of the tensors the wrapper owns (on the sample: the descent, the gradient
 and the weights; plus Hessian-probe vectors in the probe mode) over the parameter bytes,
@@ -74,6 +77,11 @@ METHODS = ("bare", "wrapped", "probe")
 same with the Hessian probe run at every step (``curvature_probe_every=1``), which times a
 probing step. The probe mode at cadence K (--probe-every) costs, amortised,
 (t_probe + (K - 1) t_wrapped) / K per step."""
+CONTROL = "bare_twin"
+"""With --control: a second bare copy of the model and optimizer, built alike. Its ratio to
+the first is what placement in memory alone moves; the split of each training step into
+the forward/backward (the step's first closure call) and the optimizer step shows where
+the wrapped step's extra time lies."""
 LARGE = 10**6
 """From this size on, the per-size defaults: batch 256 and fewer steps per repeat."""
 
@@ -212,17 +220,18 @@ def measure_config(
     size: int, depth: int, optimizer: str, args: argparse.Namespace, device: torch.device
 ) -> dict:
     batch_size, steps = batch_size_for(size, args), steps_for(size, args)
-    setups = {m: build(size, depth, optimizer, m, batch_size, device, args.seed) for m in METHODS}
-    for method in METHODS:
+    methods = METHODS + ((CONTROL,) if args.control else ())
+    setups = {m: build(size, depth, optimizer, m, batch_size, device, args.seed) for m in methods}
+    for method in methods:
         run_steps(*setups[method], args.warmup, device)
     times: dict[str, dict[str, list[float]]] = {
-        m: {"training_step": [], "optimizer_step": []} for m in METHODS
+        m: {"training_step": [], "optimizer_step": []} for m in methods
     }
     events: Counter[str] = Counter()
     repeats = repeats_for(size, args)
     for repeat in range(repeats):
         # ABBA order: the methods forward on even repeats and backward on odd ones.
-        for method in METHODS if repeat % 2 == 0 else METHODS[::-1]:
+        for method in methods if repeat % 2 == 0 else methods[::-1]:
             # A probing step costs several forward/backward passes: a tenth as many of them.
             count = max(2, steps // 10) if method == "probe" else steps
             training, optimizer_only = run_steps(*setups[method], count, device)
@@ -251,7 +260,7 @@ def measure_config(
     for measure in ("training_step", "optimizer_step"):
         bare = times["bare"][measure]
         result[measure] = {"bare": asdict(Summary.of(bare))}
-        for method in METHODS[1:]:
+        for method in methods[1:]:
             mine = times[method][measure]
             result[measure][method] = asdict(Summary.of(mine))
             result[measure][f"{method}_ratio"] = asdict(
@@ -266,6 +275,15 @@ def measure_config(
         result[measure]["probe_amortised_ratio"] = asdict(
             Summary.of([a / b for a, b in zip(amortised, bare, strict=True)])
         )
+    result["forward_backward"] = {
+        m: asdict(
+            Summary.of(
+                [t - o for t, o in zip(times[m]["training_step"], times[m]["optimizer_step"], strict=True)]
+            )
+        )
+        for m in methods
+        if m != "probe"
+    }
     return result
 
 
@@ -358,6 +376,25 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
                 f"| {spread(m['wrapped_ratio'], digits=2)} "
                 f"| {spread(m['probe'], 1e3)} | {spread(m['probe_amortised_ratio'], digits=2)} |"
             )
+    controlled = [r for r in results if CONTROL in r["training_step"]]
+    if controlled:
+        lines += [
+            "",
+            f"Control: {CONTROL}, a second bare copy built alike, over the first (what placement "
+            "in memory alone moves); each training step split into forward/backward (its first "
+            "closure call) and the optimizer step, ms.",
+            "",
+            f"| params | tensors | optimizer | training step: {CONTROL} / bare | wrapped / bare "
+            f"| forward/backward: bare | wrapped | {CONTROL} |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in controlled:
+            m, fb = r["training_step"], r["forward_backward"]
+            lines.append(
+                f"| {format_size(r['parameters'])} | {r['tensors']} | {OPTIMIZER_NAMES[r['optimizer']]} "
+                f"| {spread(m[f'{CONTROL}_ratio'], digits=3)} | {spread(m['wrapped_ratio'], digits=3)} "
+                f"| {spread(fb['bare'], 1e3)} | {spread(fb['wrapped'], 1e3)} | {spread(fb[CONTROL], 1e3)} |"
+            )
     lines += [
         "",
         "Memory: bytes of tensors held, relative to the parameter bytes; peak RSS growth over "
@@ -403,6 +440,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS probes (one process each)")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help=f"also time {CONTROL}, a second bare copy, and split steps into forward/backward and step",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")
     args = parser.parse_args(argv)
     for name in (

@@ -90,6 +90,19 @@ def kept_affinity() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("one_thread", "kept_affinity")
+def test_overhead_control_times_a_second_bare_copy_and_splits_the_steps(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "overhead.json"
+    argv = ["--sizes", "2k", "--optimizers", "sgd", "--repeats", "2", "--steps", "2", "--warmup", "1"]
+    _load("overhead").main([*argv, "--no-rss", "--control", "--output", str(output)])
+    (result,) = json.loads(output.read_text())["results"]
+    assert result["training_step"]["bare_twin_ratio"]["median"] > 0
+    assert set(result["forward_backward"]) == {"bare", "wrapped", "bare_twin"}
+    for method, summary in result["forward_backward"].items():  # a part of its training step
+        assert summary["min"] > 0 and summary["max"] < result["training_step"][method]["max"]
+    assert "| training step: bare_twin / bare |" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread", "kept_affinity")
 def test_overhead_reports_ratios_and_memory_for_every_configuration(tmp_path: Path) -> None:
     output = tmp_path / "overhead.json"
     argv = ["--sizes", "2k", "--optimizers", "sgd", "adamw", "--repeats", "2", "--steps", "2"]

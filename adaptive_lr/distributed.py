@@ -7,8 +7,8 @@ The loss is not: each rank computes it on its own batch. Under FSDP2
 dim 0, and a sum over a rank's local shard is only that shard's part.
 
 So the signals are computed on local tensors (``to_local()``), stacked into the one
-float64 vector a step reads back anyway, and that vector is all-reduced once (SUM) before
-the read: partial sums over shards add up to the full model's sums; values that are
+vector a step reads back anyway (cast to float64 on several ranks), and that vector is
+all-reduced once (SUM) before the read: partial sums over shards add up to the full model's sums; values that are
 already identical (DDP, or any replicated tensor) are divided by the world size first, so
 the sum returns them unchanged up to rounding and identical on every rank; the loss is
 averaged. Every rank then feeds the same numbers to the same pure controller and makes

@@ -8,12 +8,13 @@ dim 0, and a sum over a rank's local shard is only that shard's part.
 
 So the signals are computed on local tensors (``to_local()``), stacked into the one
 vector a step reads back anyway (cast to float64 on several ranks), and that vector is
-all-reduced once (SUM) before the read: partial sums over shards add up to the full model's sums; values that are
-already identical (DDP, or any replicated tensor) are divided by the world size first, so
-the sum returns them unchanged up to rounding and identical on every rank; the loss is
-averaged. Every rank then feeds the same numbers to the same pure controller and makes
-the same decision (skip, clip, lr multiplier, momentum). A non-finite loss or gradient on
-one rank makes the reduced value non-finite on every rank, so all of them skip the step.
+all-reduced once (SUM) before the read: partial sums over shards add up to the full
+model's sums; values that are already identical (DDP, or any replicated tensor) are
+divided by the world size first, so the sum returns them unchanged up to rounding and
+identical on every rank; the loss is averaged. Every rank then feeds the same numbers to
+the same pure controller and makes the same decision (skip, clip, lr multiplier,
+momentum). A non-finite loss or gradient on one rank makes the reduced value non-finite
+on every rank, so all of them skip the step.
 
 The all-reduce runs only when ``torch.distributed`` is initialized with more than one
 rank and the option ``sync_ranks`` is on (the default), over the default process group.

@@ -61,11 +61,7 @@ def squared_norms(tensors: Sequence[Tensor], *, ordered: bool = True) -> Tensor:
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    by_dot = [
-        i
-        for i, t in enumerate(tensors)
-        if t.dtype in _DOT_DTYPES and t.numel() >= _DOT_MIN_NUMEL and t.is_contiguous()
-    ]
+    by_dot = [i for i, t in enumerate(tensors) if _dottable(t) and t.numel() >= _DOT_MIN_NUMEL]
     if not by_dot:
         return _stack(torch._foreach_norm(list(tensors))).square()
     dot_part = _stack([torch.dot(v, v) for v in (tensors[i].view(-1) for i in by_dot)])
@@ -79,6 +75,11 @@ def squared_norms(tensors: Sequence[Tensor], *, ordered: bool = True) -> Tensor:
         return values
     order = torch.tensor(by_dot + rest, device=values.device)
     return torch.empty_like(values).index_copy_(0, order, values)
+
+
+def _dottable(t: Tensor) -> bool:
+    """Whether ``torch.dot`` can take t's squared norm: contiguous float32 or float64."""
+    return t.dtype in _DOT_DTYPES and t.is_contiguous()
 
 
 def _memory_flat(t: Tensor) -> Tensor | None:
@@ -112,22 +113,16 @@ def _block(flat: Tensor, offset: int, length: int) -> Tensor:
     return flat if length == flat.numel() else flat[offset : offset + length]
 
 
-def _stack(scalars: Sequence[Tensor]) -> Tensor:
-    """0-d tensors into one float64 vector on the first one's device."""
+def _stack(scalars: Sequence[Tensor], *, float64: bool = True) -> Tensor:
+    """0-d tensors into one vector on the first one's device: float64, or with
+    ``float64=False`` their common dtype (float64 anyway when they lie on several devices)."""
     try:
         # One device (the common case): stack promotes mixed float dtypes exactly, then one cast.
-        return torch.stack(list(scalars)).to(torch.float64)
+        stacked = torch.stack(list(scalars))
+        return stacked.to(torch.float64) if float64 else stacked
     except RuntimeError:  # several devices
         device = scalars[0].device
         return torch.stack([s.to(device=device, dtype=torch.float64) for s in scalars])
-
-
-def _stack_as_is(scalars: Sequence[Tensor]) -> Tensor:
-    """0-d tensors into one vector of their common dtype (float64 only where one is)."""
-    try:
-        return torch.stack(list(scalars))  # one device, one dtype: the common case
-    except RuntimeError:  # several devices
-        return _stack(scalars)
 
 
 def _total(scalars: list[Tensor]) -> Tensor:
@@ -525,7 +520,7 @@ class Trajectory:
         for i, (g, (_, _, whole)) in enumerate(zip(view.grads, self._plan, strict=True)):
             if whole:
                 continue
-            if g.dtype in _DOT_DTYPES and g.is_contiguous():
+            if _dottable(g):
                 flat = g.view(-1)
                 terms.append(torch.dot(flat, flat))
                 groups.append(self._group_of[i])
@@ -600,7 +595,7 @@ def measure(
         stacked = _stack(parts) if parts else torch.zeros(0, dtype=torch.float64)
         values = reduction(stacked, averaged=[len(parts) - 1] if loss_in_vector else []).tolist()
     elif parts:
-        values = _stack_as_is(parts).tolist()  # float32 scalars stay float32: exact on the host
+        values = _stack(parts, float64=False).tolist()  # float32 stays float32: exact on the host
     else:
         values = []
 

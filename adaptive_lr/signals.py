@@ -12,12 +12,14 @@ tensor's contribution weighted by numel / sampled so the sums estimate the full 
     step_size      = ||d||
     successive_grad_cosine = <g_t, g_{t-1}> / (||g_t|| ||g_{t-1}||)   (track_successive_cosine)
 
-With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals cheap:
-the buffer for d (and, with ``track_successive_cosine``, for the last gradient), the
-per-coordinate weights, the sampled gradient copied each step and the memory traffic of
-the secant shrink by the sample fraction (d needs a copy before the inner step and a subtraction
-after it). The samples of all parameters on a device (of one working dtype) lie end to
-end in one flat buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
+With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signals
+cheap: the buffer for d (and, with ``track_successive_cosine``, for the last gradient),
+the sampled gradient copied each step and the memory traffic of the secant shrink by the
+sample fraction (d needs a copy before the inner step and a subtraction after it). The
+weights are applied per run of equally weighted coordinates, one multiply each; only a layout
+with many distinct weights keeps them as a per-coordinate vector as large as d. The
+samples of all parameters on a device (of one working dtype) lie end to end in one flat
+buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
 
 For plain gradient descent d = lr g_{t-1}, so grad_cosine is the cosine between
 successive gradients and step_sharpness = lr x curvature. For momentum and adaptive
@@ -45,6 +47,10 @@ from adaptive_lr.distributed import RankReduction, is_dtensor, local
 
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over tensors.
 
+
+_MAX_WEIGHT_PIECES = 8
+"""Up to this many runs of equally weighted coordinates per segment, weights are applied as
+scalars, one multiply per run; beyond, through a per-coordinate vector."""
 
 _DOT_DTYPES = (torch.float32, torch.float64)
 _DOT_MIN_NUMEL = 1 << 14
@@ -204,9 +210,14 @@ class Segment:
     device: torch.device
     dtype: torch.dtype
     """The working dtype: float32 for float32 and narrower parameters, else float64."""
+    pieces: list[tuple[int, int, Tensor | None]]
+    """(start, end, weight) of the runs of coordinates that share a weight, numel / sampled
+    of their tensor, so weighted sums estimate the full ones: a 0-d tensor of the working
+    dtype, None for weight 1 (members measured whole); in order, covering the flat vector."""
     weights: Tensor | None
-    """Per coordinate: numel / sampled of its tensor, so weighted sums estimate the full
-    ones; None when every member is measured whole (all weights 1)."""
+    """The weights per coordinate, where there are more than ``_MAX_WEIGHT_PIECES`` pieces
+    (else each piece is multiplied by its weight as a scalar: the same products, without
+    reading a vector as large as the sample); None then."""
     whole_runs: list[tuple[int, int, int]]
     """(param group, start, end) of each run of members measured whole, one per group:
     there the flat sampled gradient is the whole gradient, so one dot gives their exact
@@ -227,7 +238,27 @@ class Segment:
 
     def weigh_(self, flat: Tensor) -> Tensor:
         """Multiply each coordinate of a flat vector of this segment by its weight, in place."""
-        return flat if self.weights is None else flat.mul_(self.weights)
+        if self.weights is not None:
+            return flat.mul_(self.weights)
+        for a, b, weight in self.pieces:
+            if weight is not None:
+                _block(flat, a, b - a).mul_(weight)
+        return flat
+
+    def weighted(self, flat: Tensor, out: Tensor) -> Tensor:
+        """The flat vector times the weights, written into `out` (returned); `flat` itself
+        when every weight is 1."""
+        if self.weights is not None:
+            return torch.mul(flat, self.weights, out=out)
+        if len(self.pieces) == 1 and self.pieces[0][2] is None:
+            return flat
+        for a, b, weight in self.pieces:
+            part = _block(out, a, b - a)
+            if weight is None:
+                part.copy_(_block(flat, a, b - a))
+            else:
+                torch.mul(_block(flat, a, b - a), weight, out=part)
+        return out
 
 
 @dataclass
@@ -390,15 +421,27 @@ class Trajectory:
             for k, i in enumerate(members):
                 if self._plan[i][2]:
                     runs[group_of[i]] = (runs.get(group_of[i], (starts[k],))[0], starts[k + 1])
+            runs_of_weights: list[tuple[int, int, float]] = []
+            for k, weight in enumerate(weights):
+                if runs_of_weights and runs_of_weights[-1][2] == weight:
+                    runs_of_weights[-1] = (runs_of_weights[-1][0], starts[k + 1], weight)
+                else:
+                    runs_of_weights.append((starts[k], starts[k + 1], weight))
+            pieces = [
+                (a, b, None if w == 1.0 else torch.tensor(w, dtype=dtype, device=device))
+                for a, b, w in runs_of_weights
+            ]
             per_coordinate = None
-            if any(weight != 1.0 for weight in weights):
+            if len(pieces) > _MAX_WEIGHT_PIECES:
                 per_coordinate = torch.tensor(weights, dtype=dtype).repeat_interleave(
                     torch.tensor(lengths, dtype=torch.long)
                 )
                 per_coordinate = per_coordinate.to(device)
             in_order = members == list(range(len(view.params)))
             whole_runs = [(group, a, b) for group, (a, b) in runs.items()]
-            segments.append(Segment(members, starts, device, dtype, per_coordinate, whole_runs, in_order))
+            segments.append(
+                Segment(members, starts, device, dtype, pieces, per_coordinate, whole_runs, in_order)
+            )
         self._params, self._segments = list(view.params), segments
         self._group_bounds = list(view.group_bounds)
         self._group_of = group_of
@@ -493,7 +536,7 @@ class Trajectory:
             torch._foreach_sub_(parts, mine)  # the buffer now holds d
             grad_dots.append(torch.dot(weighted, buffer))
             # The weighted gradient is not needed any more: its room takes w d.
-            scaled = buffer if segment.weights is None else torch.mul(buffer, segment.weights, out=weighted)
+            scaled = segment.weighted(buffer, out=weighted)
             squares.append(torch.dot(buffer, scaled))
         self.descent_sq, self.grad_dot_descent = _total(squares), _total(grad_dots)
         if self.track_last_grad:

@@ -3,7 +3,8 @@
     python benchmarks/overhead.py [--sizes 10k 1M] [--depths 4] [--optimizers sgd adam]
                                   [--threads 1] [--repeats 15] [--large-repeats 5]
                                   [--steps 100] [--warmup 10] [--batch-size N]
-                                  [--probe-every 100] [--control] [--output results/overhead.json]
+                                  [--probe-every 100] [--control] [--keep-denormals]
+                                  [--output results/overhead.json]
 
 Model: an MLP of --depths Linear(width, width) layers (2 tensors each) with ReLU between
 them, width chosen so the parameter count is close to each size; cross-entropy on one
@@ -30,13 +31,22 @@ copy of the model, built alike, is timed among them: its ratio to the first is w
 placement in memory alone moves, and a table splits the training step of bare, wrapped
 and that copy into forward/backward (the step's first closure call) and optimizer step.
 
-Memory: the bytes of the tensors the wrapper owns (on the sample: the descent, the gradient
-and the weights; plus Hessian-probe vectors in the probe mode) over the parameter bytes,
-and the base optimizer's state over the parameter bytes for comparison. Peak RSS delta
-(Linux, CPU only): in a fresh process per configuration, the peak RSS over --warmup steps
-minus the RSS just before the optimizer is built (model, batch and gradients already
-allocated). It counts the optimizer state, the wrapper's buffers and the transient tensors of a step, as the
-allocator sees them; a single fresh-process reading, so take it to about a MiB.
+Denormals: flushed to zero (``torch.set_flush_denormal(True)``, before any intra-op thread
+starts, so every thread inherits it) unless --keep-denormals. The wrapped SGD run raises
+the lr multiplier far above bare SGD's fixed lr and memorizes the fixed batch: its logits
+reach several hundred, a few percent of the softmax probabilities and of the last layers'
+gradients become denormal floats, and the forward/backward passes slow down on them. That
+is where the trajectory goes, not work the wrapper does; flushing them times both methods
+on normal numbers. --keep-denormals measures it.
+
+Memory: the bytes of the tensors the wrapper owns (on the sample: the descent, and the
+weights where a layout has many distinct ones; plus Hessian-probe vectors in the probe
+mode) over the parameter bytes, and the base optimizer's state over the parameter bytes
+for comparison. Peak RSS delta (Linux, CPU only): in a fresh process per configuration,
+the peak RSS over --warmup steps minus the RSS just before the optimizer is built
+(model, batch and gradients already allocated). It counts the optimizer state, the
+wrapper's buffers and the transient tensors of a step, as the allocator sees them; a
+single fresh-process reading, so take it to about a MiB.
 """
 
 from __future__ import annotations
@@ -317,7 +327,7 @@ def _proc_status_bytes(key: str) -> int:
     raise OSError(f"{key} not in /proc/self/status")
 
 
-def machine_info(threads: int, device: torch.device) -> dict:
+def machine_info(threads: int, device: torch.device, flush_denormal: bool) -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -336,6 +346,7 @@ def machine_info(threads: int, device: torch.device) -> dict:
         "adaptive_lr": adaptive_lr.__version__,
         "threads": threads,
         "device": str(device),
+        "flush_denormal": flush_denormal,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -445,6 +456,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"also time {CONTROL}, a second bare copy, and split steps into forward/backward and step",
     )
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="do not flush denormal floats to zero (see the module docstring)",
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results")
     args = parser.parse_args(argv)
     for name in (
@@ -466,6 +482,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    # Before the first parallel region: the intra-op threads, created then, inherit it.
+    flushed = not args.keep_denormals and torch.set_flush_denormal(True)
+    try:
+        run(args, device, flushed, argv)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)  # back to torch's default for the rest of the process
+
+
+def run(args: argparse.Namespace, device: torch.device, flushed: bool, argv: Sequence[str] | None) -> None:
     torch.set_num_threads(args.threads)
     if hasattr(os, "sched_setaffinity"):
         # Pin the process (and the RSS probes it spawns) to the first --threads CPUs.
@@ -501,11 +527,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} thread(s), device {device}. Command: `{command}`. Wall time: {seconds:.0f} s. "
+        f"{args.threads} thread(s), device {device}, denormals "
+        f"{'flushed to zero' if flushed else 'kept'}. Command: `{command}`. Wall time: {seconds:.0f} s. "
         f"Load average (1 min) before/after: {load_before[0]:.2f}/{os.getloadavg()[0]:.2f}."
     )
     payload = {
-        "machine": machine_info(args.threads, device),
+        "machine": machine_info(args.threads, device, flushed),
         "command": command,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "wall_seconds": seconds,

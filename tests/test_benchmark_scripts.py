@@ -15,8 +15,10 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -100,6 +102,27 @@ def test_overhead_control_times_a_second_bare_copy_and_splits_the_steps(tmp_path
     for method, summary in result["forward_backward"].items():  # a part of its training step
         assert summary["min"] > 0 and summary["max"] < result["training_step"][method]["max"]
     assert "| training step: bare_twin / bare |" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("one_thread", "kept_affinity")
+@pytest.mark.parametrize("keep", [False, True])
+def test_overhead_flushes_denormals_only_while_it_runs_unless_told_to_keep_them(tmp_path: Path, keep) -> None:
+    output = tmp_path / "overhead.json"
+    flushed_inside = []
+    original = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):  # records whether a denormal survives a product mid-run
+        flushed_inside.append((torch.tensor(1e-39) * torch.tensor(1.0)).item() == 0.0)
+        return original(self, *args, **kwargs)
+
+    argv = ["--sizes", "2k", "--optimizers", "sgd", "--repeats", "2", "--steps", "2", "--warmup", "1"]
+    with mock.patch.object(torch.optim.SGD, "step", step):
+        _load("overhead").main(
+            [*argv, "--no-rss", *(["--keep-denormals"] if keep else []), "--output", str(output)]
+        )
+    assert json.loads(output.read_text())["machine"]["flush_denormal"] is (not keep)
+    assert flushed_inside and all(f is (not keep) for f in flushed_inside)
+    assert (torch.tensor(1e-39) * torch.tensor(1.0)).item() != 0.0  # the process is left as it was
 
 
 @pytest.mark.usefixtures("one_thread", "kept_affinity")

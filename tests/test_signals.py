@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptive_lr
-from adaptive_lr import ControllerOptions
+from adaptive_lr import ControllerOptions, signals
 from adaptive_lr.signals import GradientView, SampleLayout, Trajectory, measure, squared_norms
 
 
@@ -223,9 +223,9 @@ def test_descent_buffers_hold_only_the_sample():
     assert held[model[0].weight] == math.ceil(512 * 512 / 16)
     assert held[model[0].bias] == 512  # small tensors whole
     assert sum(held.values()) < 0.1 * sum(p.numel() for p in model.parameters())
-    # Beside d it keeps the per-coordinate weights, as large (the sampled gradient is a
-    # copy made each step); a model measured whole needs no weights.
-    assert sum(t.numel() for t in opt._trajectory.held_tensors()) == 2 * sum(held.values())
+    # Two runs of equal weights (the whole bias, the sampled weight): the weights are
+    # scalars and d is all it keeps (the sampled gradient is a copy made each step).
+    assert sum(t.numel() for t in opt._trajectory.held_tensors()) == sum(held.values())
     small = nn.Linear(16, 4)
     small_opt = adaptive_lr.wrap(torch.optim.SGD(small.parameters(), lr=0.01))
     small(torch.randn(2, 16)).sum().backward()
@@ -366,3 +366,52 @@ def test_a_gradient_whose_squared_norm_overflows_float32_is_skipped_like_a_non_f
     assert opt.history[-1].grad_norm == math.inf
     assert torch.equal(x.detach(), torch.ones(numel))
     assert torch.equal(opt.state[x]["sum"], torch.zeros(numel))
+
+
+def test_many_distinct_sampling_weights_are_kept_as_one_vector_the_size_of_the_sample():
+    # Each layer's sampled block has its own weight numel / 4096: more runs than are worth
+    # a multiply each, so the weights are one per-coordinate vector beside d.
+    model = nn.Sequential(*[nn.Linear(64 + 8 * i, 72 + 8 * i, bias=False) for i in range(12)])
+    opt = adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.01))
+    x = torch.randn(4, 64)
+    for layer in model:
+        x = layer(x)
+    x.sum().backward()
+    opt.step()
+    sampled = sum(b.numel() for b in opt._trajectory.descent.values())
+    assert len({p.numel() for p in model.parameters()}) > signals._MAX_WEIGHT_PIECES
+    assert sum(t.numel() for t in opt._trajectory.held_tensors()) == 2 * sampled
+
+
+@pytest.mark.parametrize("track_successive_cosine", [False, True])
+def test_weights_applied_per_run_as_scalars_give_bit_for_bit_the_per_coordinate_vectors_results(
+    monkeypatch, track_successive_cosine
+):
+    def run(max_pieces: int) -> tuple[list, list[torch.Tensor]]:
+        monkeypatch.setattr(signals, "_MAX_WEIGHT_PIECES", max_pieces)
+        torch.manual_seed(0)
+        # Weights 1 (biases, the small layer), 300 * 64 / 4096 and 300 * 300 / 5625.
+        model = nn.Sequential(
+            nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 5)
+        )
+        opt = adaptive_lr.wrap(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            track_successive_cosine=track_successive_cosine,
+        )
+        x, y = torch.randn(32, 64), torch.randint(0, 5, (32,))
+        for _ in range(8):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        pieces = [len(s.pieces) for s in opt._trajectory._segments]
+        held = [s.weights is not None for s in opt._trajectory._segments]
+        assert pieces == [3] and held == [max_pieces < 3]
+        records = [
+            (r.lr_multiplier, r.momentum, r.curvature, r.grad_cosine, r.successive_grad_cosine)
+            for r in opt.history
+        ]
+        return records, [p.detach().clone() for p in model.parameters()]
+
+    scalars, vector = run(8), run(0)
+    assert scalars[0] == vector[0]
+    assert all(torch.equal(a, b) for a, b in zip(scalars[1], vector[1], strict=True))

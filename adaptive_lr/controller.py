@@ -158,6 +158,23 @@ def _evolve(state: ControllerState, **changes: object) -> ControllerState:
     return new
 
 
+def _working_copy(state: ControllerState) -> ControllerState:
+    """A copy of the state that `_set` may change in place: `decide` evolves the state
+    several times a step, and one copy is all it needs."""
+    new = object.__new__(ControllerState)
+    new.__dict__.update(state.__dict__)
+    return new
+
+
+def _set(state: ControllerState, **changes: object) -> ControllerState:
+    """Change a working copy (from `_working_copy`) in place; returns it."""
+    unknown = changes.keys() - _STATE_FIELDS
+    if unknown:
+        raise TypeError(f"ControllerState has no field(s) {sorted(unknown)}")
+    state.__dict__.update(changes)
+    return state
+
+
 @dataclass(frozen=True)
 class Decision:
     skip: bool
@@ -200,10 +217,11 @@ def decide(
     multiplier = state.lr_multiplier
     clip_coef = 1.0
 
+    state = _working_copy(state)  # the caller's state stays as it was
     state, spike_coef = _explosion_guard(signals.grad_norm, state, options)
     if spike_coef < 1.0:
         clip_coef = spike_coef
-        state = _evolve(state, restore_multiplier=_restore_target(state, options.spike_backoff))
+        state = _set(state, restore_multiplier=_restore_target(state, options.spike_backoff))
         multiplier *= options.spike_backoff
         event = "spike"
     finite_norm = math.isfinite(signals.grad_norm)  # (an infinite one only with skip_nonfinite off)
@@ -247,14 +265,14 @@ def decide(
             log_step = max(log_step, min(options.growth_rate, math.log(restore / multiplier)))
         multiplier *= math.exp(log_step)
         if restore is not None and multiplier >= restore:
-            state = _evolve(state, restore_multiplier=None)
+            state = _set(state, restore_multiplier=None)
     if cap is not None and multiplier > cap:
         multiplier = cap
         event = event or cap_event
     multiplier = _clamp(multiplier, options.min_lr_multiplier, options.max_lr_multiplier)
 
     curvature = _governing_curvature(state)
-    new_state = _evolve(
+    new_state = _set(
         state,
         step=state.step + 1,
         lr_multiplier=multiplier,
@@ -294,7 +312,7 @@ def _explosion_guard(
     z = math.log(grad_norm)
     coef = 1.0
     if state.norm_count == 0:
-        return _evolve(state, log_norm_mean=z, log_norm_var=0.0, norm_count=1), coef
+        return _set(state, log_norm_mean=z, log_norm_var=0.0, norm_count=1), coef
     std = max(math.sqrt(state.log_norm_var), options.min_log_std)
     threshold = state.log_norm_mean + options.spike_threshold * std
     if options.spike_guard and state.norm_count >= options.warmup_steps and z > threshold:
@@ -304,7 +322,7 @@ def _explosion_guard(
     delta = z - state.log_norm_mean
     mean = state.log_norm_mean + (1.0 - decay) * delta
     var = decay * (state.log_norm_var + (1.0 - decay) * delta * delta)
-    return _evolve(state, log_norm_mean=mean, log_norm_var=var, norm_count=state.norm_count + 1), coef
+    return _set(state, log_norm_mean=mean, log_norm_var=var, norm_count=state.norm_count + 1), coef
 
 
 def _curvature_sample(signals: Signals, state: ControllerState, context: Context) -> float | None:
@@ -325,7 +343,7 @@ def _track_curvature(
     sample = _curvature_sample(signals, state, context)
     probed = signals.sharpness
     if probed is not None and math.isfinite(probed):
-        state = _evolve(state, sharpness=probed)
+        state = _set(state, sharpness=probed)
     if sample is None:
         return state
     decay = options.curvature_decay
@@ -344,7 +362,7 @@ def _track_curvature(
         # its last reading holds until the next probe (it usually runs at step 0, before
         # the first sample).
         high = max(high, math.log(state.sharpness))
-    return _evolve(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
+    return _set(state, curvature=smoothed, log_curvature_high=high, log_curvature_low=low)
 
 
 def _track_cosine(signals: Signals, state: ControllerState, options: ControllerOptions) -> ControllerState:
@@ -352,7 +370,7 @@ def _track_cosine(signals: Signals, state: ControllerState, options: ControllerO
     if cosine is None or not math.isfinite(cosine):
         return state
     decay = options.cosine_decay
-    return _evolve(state, grad_cosine=decay * state.grad_cosine + (1 - decay) * cosine)
+    return _set(state, grad_cosine=decay * state.grad_cosine + (1 - decay) * cosine)
 
 
 def _track_stationarity(
@@ -373,7 +391,7 @@ def _track_stationarity(
         and state.last_lr
     )
     if not usable:
-        return _evolve(state, steps_since_anneal=state.steps_since_anneal + 1), False
+        return _set(state, steps_since_anneal=state.steps_since_anneal + 1), False
     mu = state.last_momentum or 0.0
     rhs = (1.0 + mu) / (2.0 * state.last_lr) * signals.step_size**2
     decay = 1.0 - 1.0 / options.anneal_window
@@ -390,8 +408,8 @@ def _track_stationarity(
         and abs(lhs_ema - rhs_ema) <= options.anneal_tolerance * rhs_ema
     )
     if stationary:
-        return _evolve(state, stationarity_lhs=None, stationarity_rhs=None, steps_since_anneal=0), True
-    return _evolve(state, stationarity_lhs=lhs_ema, stationarity_rhs=rhs_ema, steps_since_anneal=since), False
+        return _set(state, stationarity_lhs=None, stationarity_rhs=None, steps_since_anneal=0), True
+    return _set(state, stationarity_lhs=lhs_ema, stationarity_rhs=rhs_ema, steps_since_anneal=since), False
 
 
 def _governing_curvature(state: ControllerState) -> float | None:

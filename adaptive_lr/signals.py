@@ -183,16 +183,17 @@ class GradientView:
             start = len(params)
             for p in group["params"]:
                 position += 1
-                if p.grad is None:
+                g = p.grad  # read once: a property of the C tensor
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise ValueError(
                         "adaptive_lr does not support sparse gradients (e.g. "
                         "nn.Embedding(sparse=True)): use dense gradients or leave those "
                         "parameters to a separate, unwrapped optimizer"
                     )
                 params.append(p)
-                grads.append(local(p.grad))
+                grads.append(local(g))
                 positions.append(position - 1)
             bounds.append((start, len(params)))
         return cls(params, grads, positions, bounds)
@@ -277,6 +278,11 @@ class StepSample:
     weighted_grads: list[Tensor]
     """Per segment: the sampled gradient times the segment's weights (a fresh tensor,
     whose room `finish` may reuse)."""
+    norm_dots: list[tuple[int, Tensor]]
+    """(index, flat gradient) of each sampled parameter whose gradient's squared norm is one
+    ``torch.dot`` (contiguous float32 or float64), in parameter order."""
+    norm_rest: list[int]
+    """Indices of the other sampled parameters: their norms come from one foreach call."""
 
 
 class Trajectory:
@@ -484,6 +490,10 @@ class Trajectory:
         ):
             self._relayout(view)
         param_blocks, grad_blocks, copied = [], [], []
+        # The sampled parameters' gradients, for their exact norms (the whole ones are in
+        # the sampled gradient): one dot each where that can take them.
+        norm_dots: list[tuple[int, Tensor]] = []
+        norm_rest: list[int] = []
         views = self._views
         for i, (p, g, (offset, end, whole)) in enumerate(
             zip(view.params, view.grads, self._plan, strict=True)
@@ -492,11 +502,23 @@ class Trajectory:
             if cached is not None and cached[0] == p.data_ptr() and g.is_contiguous():
                 param_blocks.append(cached[1])  # the common case: plain, real, contiguous
                 flat = g.view(-1)
-                grad_blocks.append(flat if whole else flat[offset:end])
+                if whole:
+                    grad_blocks.append(flat)
+                    continue
+                grad_blocks.append(flat[offset:end])
+                if flat.dtype in _DOT_DTYPES:
+                    norm_dots.append((i, flat))
+                else:
+                    norm_rest.append(i)
                 continue
             flat_p, flat_g, is_view = _flat_pair(p, g)
             param_blocks.append(flat_p if whole else flat_p[offset:end])
             grad_blocks.append(flat_g if whole else flat_g[offset:end])
+            if not whole:
+                if _dottable(g):
+                    norm_dots.append((i, g.view(-1)))
+                else:
+                    norm_rest.append(i)
             if not is_view:
                 copied.append((i, p, offset, end))
             elif not (is_dtensor(p) or p.is_complex()) and g.is_contiguous():
@@ -507,7 +529,7 @@ class Trajectory:
             grads.append(flat)
             # Without track_last_grad the unweighted gradient is not read again.
             weighted.append(segment.weigh_(flat.clone() if self.track_last_grad else flat))
-        return StepSample(view.params, param_blocks, copied, grads, weighted)
+        return StepSample(view.params, param_blocks, copied, grads, weighted, norm_dots, norm_rest)
 
     def snapshot(self, sample: StepSample) -> None:
         """Keep x_t's sample in the descent buffers before the inner step."""
@@ -554,25 +576,19 @@ class Trajectory:
         """
         terms: list[Tensor] = []
         groups: list[int] = []
-        by_norm: list[int] = []
         for segment, grad in zip(self._segments, sample.grads, strict=True):
             for group, a, b in segment.whole_runs:
                 part = grad if b - a == grad.numel() else grad[a:b]
                 terms.append(torch.dot(part, part))
                 groups.append(group)
-        for i, (g, (_, _, whole)) in enumerate(zip(view.grads, self._plan, strict=True)):
-            if whole:
-                continue
-            if _dottable(g):
-                flat = g.view(-1)
-                terms.append(torch.dot(flat, flat))
-                groups.append(self._group_of[i])
-            else:
-                by_norm.append(i)
+        group_of = self._group_of
+        for i, flat in sample.norm_dots:
+            terms.append(torch.dot(flat, flat))
+            groups.append(group_of[i])
         squared = len(terms)
-        if by_norm:
-            terms += torch._foreach_norm([view.grads[i] for i in by_norm])
-            groups += [self._group_of[i] for i in by_norm]
+        if sample.norm_rest:
+            terms += torch._foreach_norm([view.grads[i] for i in sample.norm_rest])
+            groups += [group_of[i] for i in sample.norm_rest]
         return terms, groups, squared
 
     def successive_grad_products(self, sample: StepSample) -> tuple[Tensor, Tensor, Tensor]:

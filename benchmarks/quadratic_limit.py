@@ -23,7 +23,7 @@ probe rows also spend two per Hessian-vector product). Rows:
 - adaptive_sgd_probe_lower: both, the probe every 100 steps and the lower momentum (the
   probe's top eigenvalue bounds the curvature range from above);
 - adaptive_sgd_full_batch: ControllerOptions.full_batch(), those two with a stability
-  margin of 0.9, cap_approach 0.5, a cosine average over about two steps and no update guard;
+  margin of 0.9, cap_approach 0.5, no cosine average (each step's cosine) and no update guard;
 - adaptive_adam: adaptive_lr.wrap(Adam(lr=1e-3)), default options.
 The rates printed next to gd_optimal and heavy_ball_optimal are the theoretical
 (kappa - 1)/(kappa + 1) and (sqrt(kappa) - 1)/(sqrt(kappa) + 1) with the iteration counts

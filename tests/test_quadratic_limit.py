@@ -90,18 +90,23 @@ def test_full_batch_options_beat_the_defaults_and_stay_within_1_5x_of_optimal_he
     assert full_batch <= 1.5 * heavy_ball
 
 
-def test_full_batch_options_are_faster_than_optimal_gradient_descent_on_a_well_conditioned_quadratic(
+def test_full_batch_options_beat_optimal_gradient_descent_and_stay_within_1_5x_of_heavy_ball_at_kappa_10(
     bench: ModuleType,
 ) -> None:
-    """At kappa 10 the untuned start costs most: optimal GD needs only 28 steps here
-    (measured: full_batch 18)."""
-    problem = bench.Quadratic.make(10.0, DIM, SEED)
-    counts = {
-        name: _iterations(bench, bench.method_factories(1e-3)[name](problem), kappa=10.0)
-        for name in ("gd_optimal", "adaptive_sgd_full_batch")
-    }
-    assert None not in counts.values()
-    assert counts["adaptive_sgd_full_batch"] < counts["gd_optimal"]
+    """At kappa 10 the untuned start costs most: on seeds 0 and 1 optimal GD needs only
+    28 and 26 steps and optimal heavy ball 13 and 12 (measured: full_batch 17 on both; with a
+    cosine average over two steps it took 18 and 19)."""
+    for seed in (0, 1):
+        problem = bench.Quadratic.make(10.0, DIM, seed)
+        target = bench.TARGET_REDUCTION * problem.value(problem.x0)
+        counts = {}
+        for name in ("gd_optimal", "heavy_ball_optimal", "adaptive_sgd_full_batch"):
+            make = bench.method_factories(1e-3)[name](problem)
+            values = bench.run(problem, make, iterations=MAX_ITERS, stop_at=target)
+            counts[name] = bench.iterations_to_target(values, target)
+        assert None not in counts.values()
+        assert counts["adaptive_sgd_full_batch"] < counts["gd_optimal"]
+        assert counts["adaptive_sgd_full_batch"] <= 1.5 * counts["heavy_ball_optimal"], seed
 
 
 def test_gradient_evaluations_count_one_per_step_and_two_per_probe_product(bench: ModuleType) -> None:

@@ -16,10 +16,10 @@ With ``sample_fraction=1`` everything is exact. Sampling is what keeps the signa
 cheap: the buffer for d (and, with ``track_successive_cosine``, for the last gradient),
 the sampled gradient copied each step and the memory traffic of the secant shrink by the
 sample fraction (d needs a copy before the inner step and a subtraction after it). The
-weights are applied per run of equally weighted coordinates, one multiply each; only a layout
-with many distinct weights keeps them as a per-coordinate vector as large as d. The
-samples of all parameters on a device (of one working dtype) lie end to end in one flat
-buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
+weights are applied per run of equally weighted coordinates, one multiply each; only a
+layout with many distinct weights keeps them as a per-coordinate vector as large as d.
+The samples of all parameters on a device (of one working dtype) lie end to end in one
+flat buffer, so each sum is one ``torch.dot``, whatever the number of tensors.
 
 For plain gradient descent d = lr g_{t-1}, so grad_cosine is the cosine between
 successive gradients and step_sharpness = lr x curvature. For momentum and adaptive
@@ -49,8 +49,8 @@ _GOLDEN = 2654435761  # Knuth's multiplicative hash: spreads sample offsets over
 
 
 _MAX_WEIGHT_PIECES = 8
-"""Up to this many runs of equally weighted coordinates per segment, weights are applied as
-scalars, one multiply per run; beyond, through a per-coordinate vector."""
+"""Up to this many runs of equally weighted coordinates per segment, the weights are applied
+one multiply per run (by a 0-d tensor); beyond, through a per-coordinate vector."""
 
 _DOT_DTYPES = (torch.float32, torch.float64)
 _DOT_MIN_NUMEL = 1 << 14
@@ -216,9 +216,9 @@ class Segment:
     of their tensor, so weighted sums estimate the full ones: a 0-d tensor of the working
     dtype, None for weight 1 (members measured whole); in order, covering the flat vector."""
     weights: Tensor | None
-    """The weights per coordinate, where there are more than ``_MAX_WEIGHT_PIECES`` pieces
-    (else each piece is multiplied by its weight as a scalar: the same products, without
-    reading a vector as large as the sample); None then."""
+    """The weights per coordinate, where there are more than ``_MAX_WEIGHT_PIECES`` pieces;
+    else None, and each piece is multiplied by its weight (the same products, without
+    holding and reading a vector as large as the sample)."""
     whole_runs: list[tuple[int, int, int]]
     """(param group, start, end) of each run of members measured whole, one per group:
     there the flat sampled gradient is the whole gradient, so one dot gives their exact

@@ -285,6 +285,10 @@ def measure_config(
         result[measure]["probe_amortised_ratio"] = asdict(
             Summary.of([a / b for a, b in zip(amortised, bare, strict=True)])
         )
+    if args.control:
+        result["denormal_softmax_fraction"] = {
+            m: denormal_softmax_fraction(setups[m][0], setups[m][2]) for m in methods if m != "probe"
+        }
     result["forward_backward"] = {
         m: asdict(
             Summary.of(
@@ -295,6 +299,16 @@ def measure_config(
         if m != "probe"
     }
     return result
+
+
+def denormal_softmax_fraction(model: nn.Module, inputs: Tensor) -> float:
+    """The share of the model's softmax probabilities on the batch that are denormal in
+    float32, between 2^-149 and its smallest normal number (computed in float64, so that
+    flushing does not hide them; smaller ones would be zeros, which cost nothing)."""
+    with torch.no_grad():
+        probabilities = torch.softmax(model(inputs).double(), dim=-1)
+    tiny = torch.finfo(torch.float32).tiny
+    return ((probabilities >= 2.0**-149) & (probabilities < tiny)).double().mean().item()
 
 
 def rss_probe(size: int, depth: int, optimizer: str, method: str, args: dict) -> int | None:
@@ -396,15 +410,17 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
             "closure call) and the optimizer step, ms.",
             "",
             f"| params | tensors | optimizer | training step: {CONTROL} / bare | wrapped / bare "
-            f"| forward/backward: bare | wrapped | {CONTROL} |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|",
+            f"| forward/backward: bare | wrapped | {CONTROL} "
+            "| softmax probabilities denormal in float32 at the end: bare | wrapped |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in controlled:
-            m, fb = r["training_step"], r["forward_backward"]
+            m, fb, tiny = r["training_step"], r["forward_backward"], r["denormal_softmax_fraction"]
             lines.append(
                 f"| {format_size(r['parameters'])} | {r['tensors']} | {OPTIMIZER_NAMES[r['optimizer']]} "
                 f"| {spread(m[f'{CONTROL}_ratio'], digits=3)} | {spread(m['wrapped_ratio'], digits=3)} "
-                f"| {spread(fb['bare'], 1e3)} | {spread(fb['wrapped'], 1e3)} | {spread(fb[CONTROL], 1e3)} |"
+                f"| {spread(fb['bare'], 1e3)} | {spread(fb['wrapped'], 1e3)} | {spread(fb[CONTROL], 1e3)} "
+                f"| {tiny['bare']:.2%} | {tiny['wrapped']:.2%} |"
             )
     lines += [
         "",

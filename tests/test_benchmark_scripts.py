@@ -99,6 +99,8 @@ def test_overhead_control_times_a_second_bare_copy_and_splits_the_steps(tmp_path
     (result,) = json.loads(output.read_text())["results"]
     assert result["training_step"]["bare_twin_ratio"]["median"] > 0
     assert set(result["forward_backward"]) == {"bare", "wrapped", "bare_twin"}
+    assert set(result["denormal_softmax_fraction"]) == {"bare", "wrapped", "bare_twin"}
+    assert all(0.0 <= f <= 1.0 for f in result["denormal_softmax_fraction"].values())
     for method, summary in result["forward_backward"].items():  # a part of its training step
         assert summary["min"] > 0 and summary["max"] < result["training_step"][method]["max"]
     assert "| training step: bare_twin / bare |" in capsys.readouterr().out
@@ -123,6 +125,17 @@ def test_overhead_flushes_denormals_only_while_it_runs_unless_told_to_keep_them(
     assert json.loads(output.read_text())["machine"]["flush_denormal"] is (not keep)
     assert flushed_inside and all(f is (not keep) for f in flushed_inside)
     assert (torch.tensor(1e-39) * torch.tensor(1.0)).item() != 0.0  # the process is left as it was
+
+
+def test_denormal_softmax_fraction_counts_the_probabilities_float32_holds_as_denormals() -> None:
+    overhead = _load("overhead")
+    model = torch.nn.Linear(2, 4, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[92.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-200.0, 0.0]]))
+    # logits (92, 0, 1, -200): probabilities 1, e^-92 ~ 1e-40 and e^-91 ~ 3e-40 (denormal
+    # in float32, whose smallest normal is 1.2e-38) and e^-292 (a zero in float32).
+    assert overhead.denormal_softmax_fraction(model, torch.tensor([[1.0, 0.0]])) == 0.5
+    assert overhead.denormal_softmax_fraction(model, torch.tensor([[0.0, 1.0]])) == 0.0
 
 
 @pytest.mark.usefixtures("one_thread", "kept_affinity")

@@ -2,9 +2,9 @@
 # Each creates the virtual environment it needs. torch is pinned for development and CI:
 # pip has the CPU build of torch 2.13.0 on disk here, and an unpinned torch would pull a
 # multi-GB CUDA build; constraints.txt pins every other package too, so that a fresh
-# install computes the same experiment records. The library itself declares a range (pyproject.toml). The tests
-# cover the experiments framework too, so its extra (peers, scikit-learn, matplotlib) is
-# installed here under the same torch pin.
+# install computes the same experiment records. The library itself declares a range
+# (pyproject.toml). The tests cover the experiments framework too, so its extra (peers,
+# scikit-learn, matplotlib) is installed here under the same torch pin.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -49,11 +49,14 @@ class SharpnessEstimate:
     """Result of a top-eigenvalue probe.
 
     Attributes:
-        eigenvalue: Rayleigh quotient ``v'Hv / v'v`` at ``vector`` (unit: loss / param^2).
+        eigenvalue: Rayleigh quotient ``v'Hv / v'v`` at the solver's last iterate ``v``
+            (unit: loss / param^2).
         iterations: number of Hessian-vector products spent.
         converged: whether the solver's stopping rule was met before its budget ran out.
-        vector: the unit-norm estimate of the top eigenvector, shaped like the params;
-            pass it as ``initial=`` to warm-start the next probe.
+        vector: the unit-norm estimate of the top eigenvector, shaped like the params:
+            for power iteration ``Hv / ||Hv||``, one product past ``v``; for Lanczos the
+            Ritz vector, ``v`` itself. Pass it as ``initial=`` (and ``eigenvalue`` as
+            ``reference=``) to warm-start the next probe.
     """
 
     eigenvalue: float
@@ -278,6 +281,7 @@ def top_eigenvalue(
     tolerance: float = 1e-3,
     generator: torch.Generator | None = None,
     initial: Sequence[Tensor] | None = None,
+    reference: float | None = None,
 ) -> SharpnessEstimate:
     """Top Hessian eigenvalue by power iteration.
 
@@ -287,6 +291,13 @@ def top_eigenvalue(
     ``iterations`` products. Near convergence the error in ``lambda`` is about
     ``tolerance * r^2 / (1 - r^2)`` relative, ``r = |lambda_2 / lambda_1|``, so a small
     eigen-gap needs a tolerance well below the accuracy wanted.
+
+    The returned vector is the last iterate ``v_{k+1}``, one product past the one whose
+    Rayleigh quotient is returned, so that a later call started from it (``initial=``,
+    with ``reference=`` the returned eigenvalue as ``lambda_0``) carries the same power
+    iteration on: its first product is then tested against ``reference`` as every later
+    one is against its predecessor, and a call where the iteration has settled costs
+    one product.
 
     Power iteration finds the eigenvalue of largest magnitude. That is the top
     eigenvalue whenever the most negative eigenvalue is smaller in magnitude, the
@@ -308,12 +319,17 @@ def top_eigenvalue(
             device and then moved to each parameter's device and dtype; default is a CPU
             generator seeded with 0, so the probe is deterministic.
         initial: start vector instead of a random one, e.g. ``previous.vector``.
+        reference: the Rayleigh quotient of the iterate before ``initial``, e.g.
+            ``previous.eigenvalue``: the first product may then already meet the stopping
+            rule. Ignored without ``initial``.
     """
     params = _validated_params(params)
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
+    if reference is not None and not (isinstance(reference, (int, float)) and math.isfinite(reference)):
+        raise ValueError(f"reference must be a finite number or None, got {reference!r}")
 
     if initial is not None:
         _check_like_params(initial, params, "initial")
@@ -336,9 +352,11 @@ def top_eigenvalue(
     squared_norm = _global_dot(vector, vector).item()
     if squared_norm == 0:
         raise ValueError("initial must be a nonzero vector")
-    previous = math.nan
+    # lambda_0: the iterate before the start vector, where a call carries an iteration on.
+    previous = float(reference) if reference is not None and initial is not None else math.nan
     eigenvalue = math.nan
     converged = False
+    advanced = False  # whether `vector` is a normalised product (else the start vector)
     completed = 0
     for completed in range(1, iterations + 1):
         product = [h.detach() for h in hvp(vector)]
@@ -352,13 +370,15 @@ def top_eigenvalue(
         eigenvalue = curvature / squared_norm
         if not math.isfinite(eigenvalue):
             break
-        if product_norm == 0 or (completed > 1 and abs(eigenvalue - previous) <= tolerance * abs(eigenvalue)):
-            converged = True  # product_norm == 0: H v = 0 v exactly
+        if product_norm == 0:
+            converged = True  # H v = 0 v exactly
+            break
+        vector, advanced = torch._foreach_div(product, product_norm), True
+        if abs(eigenvalue - previous) <= tolerance * abs(eigenvalue):  # False while previous is nan
+            converged = True
             break
         previous = eigenvalue
-        if completed < iterations:
-            vector = torch._foreach_div(product, product_norm)
-    if completed == 1:  # still the start vector
+    if not advanced:  # still the start vector
         torch._foreach_div_(vector, math.sqrt(squared_norm))
     return SharpnessEstimate(eigenvalue=eigenvalue, iterations=completed, converged=converged, vector=vector)
 

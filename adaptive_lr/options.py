@@ -93,7 +93,9 @@ class ControllerOptions:
             the gradient (already weighted toward the top eigenvectors), may run twice as
             many.
         probe_tolerance: a probe stops early once its Rayleigh quotient changes by at
-            most this fraction between products.
+            most this fraction between products; a warm probe compares its first product's
+            with the last probe's estimate, so where the iteration has settled a probe
+            costs one product.
         sample_fraction: fraction of each large tensor's coordinates (one contiguous block)
             on which the secant signals are measured; 1.0 measures every coordinate.
         min_sample_size: tensors with at most this many elements are measured whole, and

@@ -299,13 +299,17 @@ class AdaptiveOptimizer(Optimizer):
         from adaptive_lr.hessian import closure_hvp, top_eigenvalue
 
         params = view.params
-        # Warm start from the last probe's eigenvector: sharpness drifts slowly. A cold
-        # start begins at the gradient, which the Hessian has already weighted toward its
-        # top eigenvectors (g = H x on a quadratic): a power iteration ahead of a random
-        # start. A zero or non-finite gradient starts at random instead.
+        # Warm start from the last probe's eigenvector: sharpness drifts slowly, and the
+        # power iteration carries on across probes. Its first product is tested against
+        # the last probe's estimate, so a probe where the iteration has settled costs one
+        # product. A cold start begins at the gradient, which the Hessian has already
+        # weighted toward its top eigenvectors (g = H x on a quadratic): a power iteration
+        # ahead of a random start. A zero or non-finite gradient starts at random instead.
         warm = all(p in self._probe_vector for p in params)
+        reference = None
         if warm:
             initial: list[Tensor] | None = [self._probe_vector[p] for p in params]
+            reference = self._controller_state.sharpness  # the last finite estimate
         else:
             initial = view.grads if usable_gradient else None
         estimate = top_eigenvalue(
@@ -314,6 +318,7 @@ class AdaptiveOptimizer(Optimizer):
             iterations=self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR),
             tolerance=self.options.probe_tolerance,
             initial=initial,
+            reference=reference,
         )
         self._probe_vector = dict(zip(params, estimate.vector, strict=True))
         return estimate.eigenvalue

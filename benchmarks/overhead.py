@@ -11,17 +11,21 @@ them, width chosen so the parameter count is close to each size; cross-entropy o
 fixed random batch (no data loading in the loop); batch 64 below 1M parameters and 256
 from 1M (--batch-size overrides). Optimizers: SGD(lr=0.01, momentum=0.9), Adam(lr=1e-3),
 AdamW(lr=1e-3, weight_decay=0.01). Methods: bare; wrapped by ``adaptive_lr.wrap`` with
-default options; and probing, wrapped with the Hessian probe at every step, which times
-a probing step. The probe mode at cadence K = --probe-every costs, amortised,
-(t_probing + (K - 1) t_wrapped) / K per step: the probe's first call starts at the
-gradient and runs up to twice ``probe_iterations`` power iterations, later calls start
-from the last eigenvector and run at most ``probe_iterations``, which is what a probing
-step here measures.
+default options; and the probe mode, wrapped with the Hessian probe at its cadence
+K = --probe-every (``curvature_probe_every``, 100 as in ``ControllerOptions.full_batch``).
+The probe mode is timed at that cadence, over windows of K consecutive steps, each
+holding exactly one probing step, so its time per step is the amortised cost itself and
+each probe starts from an eigenvector K steps old, as in training: a warm probe stops
+after one product where its first Rayleigh quotient is within ``probe_tolerance`` of the
+last estimate, so probing at every step would find the iteration settled and understate
+it. The probing step of each window and the products its probe spent are reported too.
+The probe's first, cold call (from the gradient, up to twice ``probe_iterations``
+products) falls in the warm-up.
 
 Method: threads set by torch.set_num_threads(--threads) and the process pinned to that
 many CPUs (Linux); --warmup steps of each method; then repeats (--repeats up to 1M
 parameters, --large-repeats above) of --steps steps each (above 1M proportionally fewer,
-at least 5; probing steps: a tenth of that, at least 2), the methods in forward then
+at least 5; the probe mode: one window of K steps), the methods in forward then
 backward order on alternate repeats so that drift of the machine hits all alike. Every
 method is called as ``opt.step(closure)``. Each repeat gives a time per training step
 (the whole call: zero_grad, forward, backward, step) and a time per optimizer step (that
@@ -84,15 +88,14 @@ OPTIMIZERS: dict[str, Callable[[Any], Optimizer]] = {
 OPTIMIZER_NAMES = {"sgd": "SGD(momentum=0.9)", "adam": "Adam", "adamw": "AdamW"}
 METHODS = ("bare", "wrapped", "probe")
 """bare: the torch optimizer; wrapped: adaptive_lr.wrap with default options; probe: the
-same with the Hessian probe run at every step (``curvature_probe_every=1``), which times a
-probing step. The probe mode at cadence K (--probe-every) costs, amortised,
-(t_probe + (K - 1) t_wrapped) / K per step."""
+same with the Hessian probe every K = --probe-every steps, timed over windows of K steps."""
 CONTROL = "bare_twin"
 """With --control: a second bare copy of the model and optimizer, built alike. Its ratio to
 the first is what placement in memory alone moves; the split of each training step into
 the forward/backward (the step's first closure call) and the optimizer step shows where
 the wrapped step's extra time lies."""
 LARGE = 10**6
+PROBE_EVERY = 100
 """From this size on, the per-size defaults: batch 256 and fewer steps per repeat."""
 
 
@@ -120,12 +123,14 @@ def mlp(size: int, depth: int = DEPTH) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_optimizer(model: nn.Module, optimizer: str, method: str) -> Optimizer:
+def make_optimizer(
+    model: nn.Module, optimizer: str, method: str, probe_every: int = PROBE_EVERY
+) -> Optimizer:
     opt = OPTIMIZERS[optimizer](model.parameters())
     if method == "wrapped":
         return adaptive_lr.wrap(opt)
     if method == "probe":
-        return adaptive_lr.wrap(opt, curvature_probe_every=1)
+        return adaptive_lr.wrap(opt, curvature_probe_every=probe_every)
     return opt
 
 
@@ -137,13 +142,14 @@ def build(
     batch_size: int,
     device: torch.device,
     seed: int,
+    probe_every: int = PROBE_EVERY,
 ):
     torch.manual_seed(seed)
     model = mlp(size, depth).to(device)
     width = model[0].in_features
     inputs = torch.randn(batch_size, width, device=device)
     labels = torch.randint(0, width, (batch_size,), device=device)
-    return model, make_optimizer(model, optimizer, method), inputs, labels
+    return model, make_optimizer(model, optimizer, method, probe_every), inputs, labels
 
 
 def batch_size_for(size: int, args: argparse.Namespace) -> int:
@@ -164,39 +170,54 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass
+class Steps:
+    """Per step of a run: the whole ``opt.step(closure)`` call and its first closure call
+    (zero_grad, forward, backward) [s], and how many closure calls it made."""
+
+    training: list[float]
+    first_call: list[float]
+    closure_calls: list[int]
+
+    def means(self) -> tuple[float, float]:
+        """Seconds per training step and per optimizer step alone (training step minus its
+        first closure call, so a probe's extra forward/backward passes count as optimizer
+        work)."""
+        total = sum(self.training)
+        return total / len(self.training), (total - sum(self.first_call)) / len(self.training)
+
+
 def run_steps(
     model: nn.Module, opt: Optimizer, inputs: Tensor, labels: Tensor, steps: int, device: torch.device
-) -> tuple[float, float]:
-    """Seconds per training step and per optimizer step, averaged over ``steps`` steps.
-
-    Every method is stepped as ``opt.step(closure)`` (the probe needs the closure). The
-    training step is the whole call; the optimizer step alone is that minus the first
-    closure call of the step (zero_grad, forward, backward), so the probe's own extra
-    forward/backward passes count as optimizer work.
-    """
-    closure_seconds = 0.0
-    first_call = True
+) -> Steps:
+    """Time ``steps`` training steps, each called as ``opt.step(closure)`` (the probe needs
+    the closure)."""
+    first_call = 0.0
+    calls = 0
 
     def closure() -> Tensor:
-        nonlocal closure_seconds, first_call
+        nonlocal first_call, calls
         started = time.perf_counter()
         opt.zero_grad()
         loss = F.cross_entropy(model(inputs), labels)
         loss.backward()
         synchronize(device)
-        if first_call:
-            closure_seconds += time.perf_counter() - started
-            first_call = False
+        if calls == 0:
+            first_call = time.perf_counter() - started
+        calls += 1
         return loss
 
+    timed = Steps([], [], [])
     synchronize(device)
-    start = time.perf_counter()
     for _ in range(steps):
-        first_call = True
+        calls = 0
+        started = time.perf_counter()
         opt.step(closure)
         synchronize(device)
-    total = time.perf_counter() - start
-    return total / steps, (total - closure_seconds) / steps
+        timed.training.append(time.perf_counter() - started)
+        timed.first_call.append(first_call)
+        timed.closure_calls.append(calls)
+    return timed
 
 
 def tensor_bytes(tensors: Sequence[Tensor]) -> int:
@@ -231,22 +252,31 @@ def measure_config(
 ) -> dict:
     batch_size, steps = batch_size_for(size, args), steps_for(size, args)
     methods = METHODS + ((CONTROL,) if args.control else ())
-    setups = {m: build(size, depth, optimizer, m, batch_size, device, args.seed) for m in methods}
+    setups = {
+        m: build(size, depth, optimizer, m, batch_size, device, args.seed, args.probe_every) for m in methods
+    }
     for method in methods:
         run_steps(*setups[method], args.warmup, device)
     times: dict[str, dict[str, list[float]]] = {
         m: {"training_step": [], "optimizer_step": []} for m in methods
     }
+    probing: dict[str, list[float]] = {"training_step": [], "optimizer_step": [], "products": []}
     events: Counter[str] = Counter()
     repeats = repeats_for(size, args)
     for repeat in range(repeats):
         # ABBA order: the methods forward on even repeats and backward on odd ones.
         for method in methods if repeat % 2 == 0 else methods[::-1]:
-            # A probing step costs several forward/backward passes: a tenth as many of them.
-            count = max(2, steps // 10) if method == "probe" else steps
-            training, optimizer_only = run_steps(*setups[method], count, device)
+            # The probe mode: a window of K steps, which holds exactly one probing step.
+            count = args.probe_every if method == "probe" else steps
+            timed = run_steps(*setups[method], count, device)
+            training, optimizer_only = timed.means()
             times[method]["training_step"].append(training)
             times[method]["optimizer_step"].append(optimizer_only)
+            if method == "probe":
+                (k,) = [i for i, c in enumerate(timed.closure_calls) if c > 1]
+                probing["training_step"].append(timed.training[k])
+                probing["optimizer_step"].append(timed.training[k] - timed.first_call[k])
+                probing["products"].append((timed.closure_calls[k] - 1) / 2)  # two calls each
             if method == "wrapped":  # Outside the timed loop; the history keeps the last 1000 steps.
                 events.update(r.event for r in list(setups[method][1].history)[-steps:] if r.event)
     model = setups["wrapped"][0]
@@ -266,6 +296,7 @@ def measure_config(
         "base_state_bytes": state_bytes(setups["bare"][1]),
         "wrapper_events_while_timed": dict(events),
         "seconds": times,
+        "probing_step": probing,
     }
     for measure in ("training_step", "optimizer_step"):
         bare = times["bare"][measure]
@@ -276,15 +307,8 @@ def measure_config(
             result[measure][f"{method}_ratio"] = asdict(
                 Summary.of([w / b for w, b in zip(mine, bare, strict=True)])
             )
-        k = args.probe_every
-        amortised = [
-            (p + (k - 1) * w) / k
-            for p, w in zip(times["probe"][measure], times["wrapped"][measure], strict=True)
-        ]
-        result[measure]["probe_amortised"] = asdict(Summary.of(amortised))
-        result[measure]["probe_amortised_ratio"] = asdict(
-            Summary.of([a / b for a, b in zip(amortised, bare, strict=True)])
-        )
+        result[measure]["probing_step"] = asdict(Summary.of(probing[measure]))
+    result["probe_products"] = asdict(Summary.of(probing["products"]))
     if args.control:
         result["denormal_softmax_fraction"] = {
             m: denormal_softmax_fraction(setups[m][0], setups[m][2]) for m in methods if m != "probe"
@@ -327,7 +351,7 @@ def rss_probe(size: int, depth: int, optimizer: str, method: str, args: dict) ->
         before = _proc_status_bytes("VmRSS")
     except OSError:
         return None
-    # The probe's memory does not depend on its cadence; the probe mode probes every step.
+    # The probe's memory does not depend on its cadence: the first step probes (a cold start).
     opt = make_optimizer(model, optimizer, method)
     run_steps(model, opt, inputs, labels, args["warmup"], device)
     return _proc_status_bytes("VmHWM") - before
@@ -383,13 +407,14 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
         f"Time per step, ms: median [min, max] over {args.repeats} repeats ({args.large_repeats} above "
         f"1M parameters; steps per repeat in the table; {args.threads} thread(s)); "
         "ratio = method / bare per repeat. wrapped: "
-        "default options; probing step: a step that runs the Hessian probe; probe mode: "
-        f"curvature_probe_every={args.probe_every}, amortised (t_probing + {args.probe_every - 1} "
-        f"t_wrapped) / {args.probe_every}.",
+        f"default options; probe mode: curvature_probe_every={args.probe_every}, timed over "
+        f"windows of {args.probe_every} steps (one probe each), so its time per step is amortised; "
+        "probing step: the step of each window that runs the probe, and the Hessian-vector "
+        "products that probe spent (two forward/backward passes each).",
         "",
         "| params | tensors | batch | optimizer | measured | bare (ms) | wrapped (ms) | wrapped / bare "
-        "| probing step (ms) | probe mode / bare |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+        "| probe mode / bare | probing step (ms) | products per probe |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for measure, label in (("training_step", "training step"), ("optimizer_step", "opt.step() alone")):
@@ -398,8 +423,8 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
                 f"| {format_size(r['parameters'])} | {r['tensors']} | {r['batch_size']} "
                 f"| {OPTIMIZER_NAMES[r['optimizer']]} | {label} ({r['steps_per_repeat']} steps) "
                 f"| {spread(m['bare'], 1e3)} | {spread(m['wrapped'], 1e3)} "
-                f"| {spread(m['wrapped_ratio'], digits=2)} "
-                f"| {spread(m['probe'], 1e3)} | {spread(m['probe_amortised_ratio'], digits=2)} |"
+                f"| {spread(m['wrapped_ratio'], digits=2)} | {spread(m['probe_ratio'], digits=3)} "
+                f"| {spread(m['probing_step'], 1e3)} | {spread(r['probe_products'], digits=1)} |"
             )
     controlled = [r for r in results if CONTROL in r["training_step"]]
     if controlled:
@@ -425,7 +450,7 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
     lines += [
         "",
         "Memory: bytes of tensors held, relative to the parameter bytes; peak RSS growth over "
-        f"{args.warmup} steps in a fresh process (probe: probing every step).",
+        f"{args.warmup} steps in a fresh process (probe: the first step probes, from the gradient).",
         "",
         "| params | tensors | optimizer | parameters (MiB) | base optimizer state / params "
         "| extra buffers / params: wrapped | probe | peak RSS Δ (MiB): bare | wrapped | probe |",

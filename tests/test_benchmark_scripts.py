@@ -138,15 +138,36 @@ def test_denormal_softmax_fraction_counts_the_probabilities_float32_holds_as_den
     assert overhead.denormal_softmax_fraction(model, torch.tensor([[0.0, 1.0]])) == 0.0
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_window_of_k_steps_of_the_probe_mode_holds_exactly_one_probing_step() -> None:
+    overhead = _load("overhead")
+    cpu = torch.device("cpu")
+    model, opt, inputs, labels = overhead.build(2000, 2, "sgd", "probe", 8, cpu, seed=0, probe_every=4)
+    first = overhead.run_steps(model, opt, inputs, labels, 3, cpu)  # steps 0-2: the cold probe at 0
+    assert first.closure_calls[0] > 1 and first.closure_calls[1:] == [1, 1]
+    for _ in range(3):  # any 4 consecutive steps hold one multiple of 4
+        window = overhead.run_steps(model, opt, inputs, labels, 4, cpu)
+        probing = [c for c in window.closure_calls if c > 1]
+        assert len(probing) == 1 and probing[0] % 2 == 1  # the step's call, then two per product
+        training, optimizer_only = window.means()
+        assert 0 < optimizer_only < training
+        assert all(f < t for f, t in zip(window.first_call, window.training, strict=True))
+
+
 @pytest.mark.usefixtures("one_thread", "kept_affinity")
 def test_overhead_reports_ratios_and_memory_for_every_configuration(tmp_path: Path) -> None:
     output = tmp_path / "overhead.json"
     argv = ["--sizes", "2k", "--optimizers", "sgd", "adamw", "--repeats", "2", "--steps", "2"]
-    _load("overhead").main([*argv, "--warmup", "1", "--no-rss", "--output", str(output)])
+    _load("overhead").main(
+        [*argv, "--warmup", "1", "--probe-every", "5", "--no-rss", "--output", str(output)]
+    )
     payload = json.loads(output.read_text())
     assert [r["optimizer"] for r in payload["results"]] == ["sgd", "adamw"]
     for result in payload["results"]:
         for measured in ("training_step", "optimizer_step"):
             ratios = result[measured]
-            assert ratios["wrapped_ratio"]["median"] > 0 and ratios["probe_amortised_ratio"]["median"] > 0
+            assert ratios["wrapped_ratio"]["median"] > 0 and ratios["probe_ratio"]["median"] > 0
+            # The probing step is one of its window's steps, which the window's mean spreads.
+            assert ratios["probing_step"]["max"] > ratios["probe"]["min"]
         assert result["wrapper_bytes"] > 0 and result["probe_wrapper_bytes"] > result["wrapper_bytes"]
+        assert 1 <= result["probe_products"]["min"] <= result["probe_products"]["max"] <= 3

@@ -562,6 +562,65 @@ def test_warm_start_from_previous_vector_needs_fewer_iterations() -> None:
     assert warm.eigenvalue == pytest.approx(cold.eigenvalue, rel=1e-5)
 
 
+def test_power_iteration_carried_across_calls_visits_the_same_iterates_as_one_call() -> None:
+    """Each call returns its last iterate one product further (H v / ||H v||); started from
+    it with the last estimate as `reference`, the next call goes on where the last stopped."""
+    quadratic = log_spaced_quadratic(torch.float64)
+    hvp = autograd_hvp(quadratic.loss, quadratic.params)
+    tolerance = 1e-12
+    whole = top_eigenvalue(hvp, quadratic.params, iterations=12, tolerance=tolerance)
+    assert not whole.converged  # the split calls below must not stop early either
+    estimate = top_eigenvalue(hvp, quadratic.params, iterations=1, tolerance=tolerance)
+    quotients = [estimate.eigenvalue]
+    for _ in range(11):
+        estimate = top_eigenvalue(
+            hvp,
+            quadratic.params,
+            iterations=1,
+            tolerance=tolerance,
+            initial=estimate.vector,
+            reference=estimate.eigenvalue,
+        )
+        quotients.append(estimate.eigenvalue)
+    assert estimate.eigenvalue == whole.eigenvalue
+    assert all(torch.equal(a, b) for a, b in zip(estimate.vector, whole.vector, strict=True))
+    assert quotients == sorted(quotients)  # a PSD matrix: the quotients rise to the top
+
+
+def test_a_settled_iteration_carried_on_with_its_reference_stops_after_one_product() -> None:
+    quadratic = log_spaced_quadratic(torch.float64)
+    hvp = autograd_hvp(quadratic.loss, quadratic.params)
+    settled = top_eigenvalue(hvp, quadratic.params, iterations=200, tolerance=1e-4)
+    assert settled.converged
+    again = top_eigenvalue(
+        hvp, quadratic.params, tolerance=1e-4, initial=settled.vector, reference=settled.eigenvalue
+    )
+    assert again.converged and again.iterations == 1
+    assert again.eigenvalue == pytest.approx(TOP_OF_LOG_SPACED, rel=1e-3)
+    # Without the reference the same start needs a second product to compare with.
+    alone = top_eigenvalue(hvp, quadratic.params, tolerance=1e-4, initial=settled.vector)
+    assert alone.iterations == 2
+    # A reference the first quotient does not match does not stop the iteration.
+    off = top_eigenvalue(
+        hvp, quadratic.params, tolerance=1e-4, initial=settled.vector, reference=2 * settled.eigenvalue
+    )
+    assert off.iterations >= 2
+
+
+def test_the_returned_vector_is_the_last_product_normalised() -> None:
+    quadratic = log_spaced_quadratic(torch.float64)
+    hvp = autograd_hvp(quadratic.loss, quadratic.params)
+    start = [torch.ones_like(p) for p in quadratic.params]
+    estimate = top_eigenvalue(hvp, quadratic.params, iterations=1, initial=start)
+    product = torch.cat([h.reshape(-1) for h in hvp(start)])
+    expected = product / torch.linalg.vector_norm(product)
+    returned = torch.cat([v.reshape(-1) for v in estimate.vector])
+    torch.testing.assert_close(returned, expected, rtol=1e-12, atol=1e-15)
+    # The eigenvalue is the quotient of the start vector, the iterate before it.
+    ones = torch.ones(product.numel(), dtype=torch.float64)
+    assert estimate.eigenvalue == pytest.approx((ones @ product).item() / ones.numel(), rel=1e-12)
+
+
 def test_top_eigenvalue_reports_not_converged_when_iterations_run_out() -> None:
     quadratic = log_spaced_quadratic(torch.float64)
     hvp = autograd_hvp(quadratic.loss, quadratic.params)
@@ -604,6 +663,12 @@ INVALID_CALLS: dict[str, tuple[Callable[[], object], str]] = {
     "tolerance_nan": (
         lambda: top_eigenvalue(*_quadratic_hvp(), tolerance=math.nan),
         "tolerance",
+    ),
+    "reference_nan": (
+        lambda: top_eigenvalue(
+            *_quadratic_hvp(), initial=[torch.ones(10, 1), torch.ones(10)], reference=math.nan
+        ),
+        "reference",
     ),
     "initial_misshapen": (
         lambda: top_eigenvalue(*_quadratic_hvp(), initial=[torch.ones(3)]),

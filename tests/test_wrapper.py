@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import adaptive_lr
 from adaptive_lr import AdaptiveOptimizer, ControllerOptions
@@ -645,39 +645,73 @@ def test_probe_measures_the_top_eigenvalue_of_a_quadratic_through_the_training_c
     assert not torch.equal(before[0], x)
 
 
-def test_default_probes_of_a_few_products_each_continue_one_power_iteration_across_steps():
-    from adaptive_lr.wrapper import COLD_PROBE_FACTOR
+class CountedQuadratic:
+    """``f(x) = scale / 2 x'Ax`` with the given spectrum, wrapped SGD probing every
+    ``probe_every`` steps; ``step()`` steps once and returns the closure calls it made."""
 
-    torch.manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
-    eigenvalues = torch.linspace(0.1, 1.0, 60, dtype=torch.float64)  # small gaps: slow to converge
-    a = q @ torch.diag(eigenvalues) @ q.T
-    x = nn.Parameter(torch.randn(60, dtype=torch.float64))
-    opt = adaptive_lr.wrap(torch.optim.SGD([x], lr=1e-3), curvature_probe_every=1)
-    calls = 0
+    def __init__(self, eigenvalues: Tensor, probe_every: int) -> None:
+        torch.manual_seed(0)
+        n = len(eigenvalues)
+        q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+        self.a = q @ torch.diag(eigenvalues) @ q.T
+        self.scale = 1.0
+        self.x = nn.Parameter(torch.randn(n, dtype=torch.float64))
+        self.opt = adaptive_lr.wrap(torch.optim.SGD([self.x], lr=1e-3), curvature_probe_every=probe_every)
+        self.calls = 0
 
-    def closure():
-        nonlocal calls
-        calls += 1
-        opt.zero_grad()
-        loss = 0.5 * x @ a @ x
+    def closure(self) -> Tensor:
+        self.calls += 1
+        self.opt.zero_grad()
+        loss = 0.5 * self.scale * (self.x @ self.a @ self.x)
         loss.backward()
         return loss
 
+    def step(self) -> int:
+        self.calls = 0
+        self.opt.step(self.closure)
+        return self.calls
+
+
+def test_default_probes_of_a_few_products_each_continue_one_power_iteration_across_steps():
+    from adaptive_lr.wrapper import COLD_PROBE_FACTOR
+
+    eigenvalues = torch.linspace(0.1, 1.0, 60, dtype=torch.float64)  # small gaps: slow to converge
+    problem = CountedQuadratic(eigenvalues, probe_every=1)
+    opt = problem.opt
     estimates, counts = [], []
     for _ in range(60):
-        calls = 0
-        opt.step(closure)
+        counts.append(problem.step())
         estimates.append(opt.history[-1].sharpness)
-        counts.append(calls)
     products = opt.options.probe_iterations
     # the step's own call, then two per product: more for the cold start, few afterwards
     assert counts[0] <= 1 + 2 * COLD_PROBE_FACTOR * products
-    assert max(counts[1:]) <= 1 + 2 * products < counts[0]  # measured 13 calls, then 5
+    assert max(counts[1:]) <= 1 + 2 * products < counts[0]  # measured 13 calls, then 3
     top = eigenvalues.max().item()
     assert estimates[0] < 0.98 * top  # the cold start, from the gradient: 0.926 here
     assert estimates[-1] == pytest.approx(top, rel=0.02)  # warm starts carry the iteration on
     assert all(e <= top * (1 + 1e-6) for e in estimates)  # a Rayleigh quotient of a PSD matrix
+
+
+def test_a_warm_probe_spends_one_product_while_its_estimate_holds_and_more_when_it_moves():
+    problem = CountedQuadratic(
+        torch.logspace(-2, 0, 30, dtype=torch.float64), probe_every=2
+    )  # top 1, next 0.85
+
+    def probe() -> tuple[int, float]:
+        spent = problem.step()  # a probing step
+        sharpness = problem.opt.history[-1].sharpness
+        assert problem.step() == 1  # not one
+        return spent, sharpness
+
+    counts = [probe()[0] for _ in range(40)]
+    settled = counts.index(3)
+    assert all(c == 3 for c in counts[settled:])  # the step's call and one product (two calls)
+    calls_now, estimate = probe()
+    assert calls_now == 3 and estimate == pytest.approx(1.0, rel=0.02)
+    problem.scale = 3.0  # the Hessian triples between two probes
+    calls_now, estimate = probe()
+    assert calls_now > 3  # the first quotient no longer matches the last estimate
+    assert estimate == pytest.approx(3.0, rel=0.02)
 
 
 def test_a_cold_probe_at_a_zero_gradient_starts_at_random_instead():

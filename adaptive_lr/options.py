@@ -275,7 +275,7 @@ class ControllerOptions:
         guard (the probe bounds the very first step by the measured top curvature). On
         the quadratics of benchmarks/quadratic_limit.py (row adaptive_sgd_full_batch),
         from SGD(lr=1e-3, momentum=0.9), it needed 17 / 49 / 127 / 319 iterations at
-        kappa 10 / 100 / 1000 / 10000 (median of 3 seeds; 29 / 61 / 141 / 343 gradient
+        kappa 10 / 100 / 1000 / 10000 (median of 3 seeds; 29 / 61 / 139 / 337 gradient
         evaluations with the probe's) where optimal heavy ball, which knows L and mu,
         needs 12 / 47 / 173 / 619, and optimal gradient descent 26 / 248 / 2556 / more
         than 20000. Under gradient noise or on networks the defaults are the safer

@@ -3,7 +3,7 @@
     python benchmarks/overhead.py [--sizes 10k 1M] [--depths 4] [--optimizers sgd adam]
                                   [--threads 1] [--repeats 15] [--large-repeats 5]
                                   [--steps 100] [--warmup 10] [--batch-size N]
-                                  [--probe-every 100] [--control] [--keep-denormals]
+                                  [--probe-every 100] [--control] [--clip] [--keep-denormals]
                                   [--output results/overhead.json]
 
 Model: an MLP of --depths Linear(width, width) layers (2 tensors each) with ReLU between
@@ -34,6 +34,9 @@ the ratio to bare computed per repeat, median [min, max]. With --control, a seco
 copy of the model, built alike, is timed among them: its ratio to the first is what
 placement in memory alone moves, and a table splits the training step of bare, wrapped
 and that copy into forward/backward (the step's first closure call) and optimizer step.
+With --clip, a reference is timed among them: the bare optimizer with
+``torch.nn.utils.clip_grad_norm_(max_norm=1)`` before each step, the usual guard against
+explosions, which reads every gradient for one exact norm as the wrapper does.
 
 Denormals: flushed to zero (``torch.set_flush_denormal(True)``, before any intra-op thread
 starts, so every thread inherits it) unless --keep-denormals. The wrapped SGD run raises
@@ -94,9 +97,14 @@ CONTROL = "bare_twin"
 the first is what placement in memory alone moves; the split of each training step into
 the forward/backward (the step's first closure call) and the optimizer step shows where
 the wrapped step's extra time lies."""
+CLIP = "clip"
+"""With --clip, a reference: the bare optimizer with ``torch.nn.utils.clip_grad_norm_``
+(max_norm=1) between the backward pass and each step, what a user pays for the usual
+guard against explosions: one exact gradient norm and a multiply of every gradient."""
 LARGE = 10**6
-PROBE_EVERY = 100
 """From this size on, the per-size defaults: batch 256 and fewer steps per repeat."""
+PROBE_EVERY = 100
+"""The probe mode's default cadence, ``curvature_probe_every`` of ``full_batch()``."""
 
 
 def parse_size(text: str) -> int:
@@ -123,14 +131,36 @@ def mlp(size: int, depth: int = DEPTH) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ClippedSteps:
+    """The ``clip`` reference: ``step(closure)`` runs the closure, clips the gradients'
+    global norm to ``max_norm`` with ``torch.nn.utils.clip_grad_norm_``, then steps."""
+
+    def __init__(self, optimizer: Optimizer, max_norm: float = 1.0) -> None:
+        self.optimizer = optimizer
+        self.max_norm = max_norm
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:
+        with torch.enable_grad():
+            loss = closure()
+        nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.optimizer.step()
+        return loss
+
+
 def make_optimizer(
     model: nn.Module, optimizer: str, method: str, probe_every: int = PROBE_EVERY
-) -> Optimizer:
+) -> Optimizer | ClippedSteps:
     opt = OPTIMIZERS[optimizer](model.parameters())
     if method == "wrapped":
         return adaptive_lr.wrap(opt)
     if method == "probe":
         return adaptive_lr.wrap(opt, curvature_probe_every=probe_every)
+    if method == CLIP:
+        return ClippedSteps(opt)
     return opt
 
 
@@ -188,7 +218,12 @@ class Steps:
 
 
 def run_steps(
-    model: nn.Module, opt: Optimizer, inputs: Tensor, labels: Tensor, steps: int, device: torch.device
+    model: nn.Module,
+    opt: Optimizer | ClippedSteps,
+    inputs: Tensor,
+    labels: Tensor,
+    steps: int,
+    device: torch.device,
 ) -> Steps:
     """Time ``steps`` training steps, each called as ``opt.step(closure)`` (the probe needs
     the closure)."""
@@ -251,7 +286,7 @@ def measure_config(
     size: int, depth: int, optimizer: str, args: argparse.Namespace, device: torch.device
 ) -> dict:
     batch_size, steps = batch_size_for(size, args), steps_for(size, args)
-    methods = METHODS + ((CONTROL,) if args.control else ())
+    methods = METHODS + ((CONTROL,) if args.control else ()) + ((CLIP,) if args.clip else ())
     setups = {
         m: build(size, depth, optimizer, m, batch_size, device, args.seed, args.probe_every) for m in methods
     }
@@ -426,27 +461,36 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
                 f"| {spread(m['wrapped_ratio'], digits=2)} | {spread(m['probe_ratio'], digits=3)} "
                 f"| {spread(m['probing_step'], 1e3)} | {spread(r['probe_products'], digits=1)} |"
             )
-    controlled = [r for r in results if CONTROL in r["training_step"]]
-    if controlled:
-        lines += [
-            "",
-            f"Control: {CONTROL}, a second bare copy built alike, over the first (what placement "
-            "in memory alone moves); each training step split into forward/backward (its first "
-            "closure call) and the optimizer step, ms.",
-            "",
-            f"| params | tensors | optimizer | training step: {CONTROL} / bare | wrapped / bare "
-            f"| forward/backward: bare | wrapped | {CONTROL} "
-            "| softmax probabilities denormal in float32 at the end: bare | wrapped |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in controlled:
-            m, fb, tiny = r["training_step"], r["forward_backward"], r["denormal_softmax_fraction"]
-            lines.append(
-                f"| {format_size(r['parameters'])} | {r['tensors']} | {OPTIMIZER_NAMES[r['optimizer']]} "
-                f"| {spread(m[f'{CONTROL}_ratio'], digits=3)} | {spread(m['wrapped_ratio'], digits=3)} "
-                f"| {spread(fb['bare'], 1e3)} | {spread(fb['wrapped'], 1e3)} | {spread(fb[CONTROL], 1e3)} "
-                f"| {tiny['bare']:.2%} | {tiny['wrapped']:.2%} |"
-            )
+    lines += _comparison(
+        results,
+        CONTROL,
+        f"Control: {CONTROL}, a second bare copy built alike, over the first (what placement "
+        "in memory alone moves); each training step split into forward/backward (its first "
+        "closure call) and the optimizer step, ms.",
+        [
+            "forward/backward: bare",
+            "wrapped",
+            CONTROL,
+            "softmax probabilities denormal in float32 at the end: bare",
+            "wrapped",
+        ],
+        lambda r: [
+            spread(r["forward_backward"]["bare"], 1e3),
+            spread(r["forward_backward"]["wrapped"], 1e3),
+            spread(r["forward_backward"][CONTROL], 1e3),
+            f"{r['denormal_softmax_fraction']['bare']:.2%}",
+            f"{r['denormal_softmax_fraction']['wrapped']:.2%}",
+        ],
+    )
+    lines += _comparison(
+        results,
+        CLIP,
+        f"Reference: {CLIP}, the bare optimizer with torch.nn.utils.clip_grad_norm_(max_norm=1) "
+        "before each step, against the wrapper's default mode; ratios to bare per repeat, and "
+        "the optimizer step alone (with the clipping), ms.",
+        ["opt.step() alone: bare", CLIP, "wrapped"],
+        lambda r: [spread(r["optimizer_step"][m], 1e3) for m in ("bare", CLIP, "wrapped")],
+    )
     lines += [
         "",
         "Memory: bytes of tensors held, relative to the parameter bytes; peak RSS growth over "
@@ -469,6 +513,38 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
             f"| {' | '.join(cells)} |"
         )
     return "\n".join(lines)
+
+
+def _comparison(
+    results: list[dict],
+    method: str,
+    caption: str,
+    headers: list[str],
+    cells: Callable[[dict], list[str]],
+) -> list[str]:
+    """A table of `method`'s and the wrapper's training-step ratios to bare, and `cells`,
+    for the configurations that timed `method` (none: no lines)."""
+    rows = [r for r in results if method in r["training_step"]]
+    if not rows:
+        return []
+    lines = [
+        "",
+        caption,
+        "",
+        f"| params | tensors | optimizer | training step: {method} / bare | wrapped / bare | "
+        + " | ".join(headers)
+        + " |",
+        "|---:|---:|---|---:|---:|" + "---:|" * len(headers),
+    ]
+    for r in rows:
+        m = r["training_step"]
+        lines.append(
+            f"| {format_size(r['parameters'])} | {r['tensors']} | {OPTIMIZER_NAMES[r['optimizer']]} "
+            f"| {spread(m[f'{method}_ratio'], digits=3)} | {spread(m['wrapped_ratio'], digits=3)} | "
+            + " | ".join(cells(r))
+            + " |"
+        )
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -496,6 +572,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--control",
         action="store_true",
         help=f"also time {CONTROL}, a second bare copy, and split steps into forward/backward and step",
+    )
+    parser.add_argument(
+        "--clip",
+        action="store_true",
+        help=f"also time {CLIP}: the bare optimizer with clip_grad_norm_ before each step",
     )
     parser.add_argument(
         "--keep-denormals",

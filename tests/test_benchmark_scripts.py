@@ -92,6 +92,43 @@ def kept_affinity() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("one_thread", "kept_affinity")
+def test_overhead_clip_times_clip_grad_norm_before_each_bare_step(tmp_path: Path, capsys) -> None:
+    overhead = _load("overhead")
+    output = tmp_path / "overhead.json"
+    argv = ["--sizes", "2k", "--optimizers", "sgd", "--repeats", "2", "--steps", "2", "--warmup", "1"]
+    clipped = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *args, **kwargs):  # records the norm the reference clips to
+        clipped.append(max_norm)
+        return original(params, max_norm, *args, **kwargs)
+
+    with mock.patch.object(torch.nn.utils, "clip_grad_norm_", clip):
+        overhead.main([*argv, "--probe-every", "3", "--no-rss", "--clip", "--output", str(output)])
+    (result,) = json.loads(output.read_text())["results"]
+    # warm-up 1, then 2 repeats of 2 steps: one clip per step of the reference, none elsewhere
+    assert clipped == [1.0] * 5
+    assert result["training_step"]["clip_ratio"]["median"] > 0
+    assert result["optimizer_step"]["clip"]["min"] > 0
+    assert "| training step: clip / bare |" in capsys.readouterr().out
+
+
+def test_clipped_steps_clip_the_gradients_global_norm_before_the_step() -> None:
+    overhead = _load("overhead")
+    weight = torch.nn.Parameter(torch.zeros(2))
+    opt = overhead.ClippedSteps(torch.optim.SGD([weight], lr=1.0), max_norm=1.0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (weight * torch.tensor([3.0, 4.0])).sum()  # gradient (3, 4), norm 5
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.testing.assert_close(weight.detach(), torch.tensor([-0.6, -0.8]))
+
+
+@pytest.mark.usefixtures("one_thread", "kept_affinity")
 def test_overhead_control_times_a_second_bare_copy_and_splits_the_steps(tmp_path: Path, capsys) -> None:
     output = tmp_path / "overhead.json"
     argv = ["--sizes", "2k", "--optimizers", "sgd", "--repeats", "2", "--steps", "2", "--warmup", "1"]

@@ -54,9 +54,10 @@ class SharpnessEstimate:
         iterations: number of Hessian-vector products spent.
         converged: whether the solver's stopping rule was met before its budget ran out.
         vector: the unit-norm estimate of the top eigenvector, shaped like the params:
-            for power iteration ``Hv / ||Hv||``, one product past ``v``; for Lanczos the
-            Ritz vector, ``v`` itself. Pass it as ``initial=`` (and ``eigenvalue`` as
-            ``reference=``) to warm-start the next probe.
+            for power iteration ``Hv / ||Hv||``, one product past ``v`` (``v`` itself,
+            normalised, when a zero or non-finite product left nothing to advance to);
+            for Lanczos the Ritz vector, ``v`` itself. Pass it as ``initial=`` (and
+            ``eigenvalue`` as ``reference=``) to warm-start the next probe.
     """
 
     eigenvalue: float
@@ -328,7 +329,9 @@ def top_eigenvalue(
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be a positive finite number, got {tolerance!r}")
-    if reference is not None and not (isinstance(reference, (int, float)) and math.isfinite(reference)):
+    if reference is not None and (
+        isinstance(reference, bool) or not isinstance(reference, (int, float)) or not math.isfinite(reference)
+    ):
         raise ValueError(f"reference must be a finite number or None, got {reference!r}")
 
     if initial is not None:

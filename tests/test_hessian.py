@@ -664,6 +664,12 @@ INVALID_CALLS: dict[str, tuple[Callable[[], object], str]] = {
         lambda: top_eigenvalue(*_quadratic_hvp(), tolerance=math.nan),
         "tolerance",
     ),
+    "reference_bool": (
+        lambda: top_eigenvalue(
+            *_quadratic_hvp(), initial=[torch.ones(10, 1), torch.ones(10)], reference=True
+        ),
+        "reference",
+    ),
     "reference_nan": (
         lambda: top_eigenvalue(
             *_quadratic_hvp(), initial=[torch.ones(10, 1), torch.ones(10)], reference=math.nan

@@ -12,7 +12,8 @@ Two eigenvalue solvers consume an HVP:
 
 * :func:`top_eigenvalue` runs power iteration on the list of parameter-shaped tensors
   (no flattening, one host sync per iteration) and can warm-start from the previous
-  probe's vector, since sharpness drifts slowly during training.
+  probe's vector, since sharpness drifts slowly during training (its value does; a
+  sharper direction that appears elsewhere takes many warm-started products to find).
 * :func:`lanczos_top_eigenvalue` is the reference: SciPy's ARPACK Lanczos on the
   flattened operator, in float64, for tests and small models.
 """

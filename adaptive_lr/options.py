@@ -89,8 +89,10 @@ class ControllerOptions:
         probe_iterations: most Hessian-vector products per probe (power iteration; each
             product is a central difference of gradients, two extra closure calls). Every
             probe starts from the last one's eigenvector, so across probes the iteration
-            carries on and a few products each suffice; the first probe, which starts at
-            the gradient (already weighted toward the top eigenvectors), may run twice as
+            carries on and, while the top of the spectrum holds still, a few products each
+            suffice; a sharper direction that appears elsewhere is found only over many
+            probes (benchmarks/probe_warm_start.py). The first probe, which starts at the
+            gradient (already weighted toward the top eigenvectors), may run twice as
             many.
         probe_tolerance: a probe stops early once its Rayleigh quotient changes by at
             most this fraction between products; a warm probe compares its first product's

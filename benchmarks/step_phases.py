@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from adaptive_lr.distributed import RankReduction
 from adaptive_lr.signals import GradientView, measure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import command_line, write_json
+from _results import publish
 from overhead import OPTIMIZERS, build, parse_size
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "results" / "step_phases.json"
@@ -232,15 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     for depth in args.depths:
         results.append(phases(args.size, depth, args.optimizer, args.calls, args.repeats))
         print(f"  depth {depth} done", file=sys.stderr)
-    table = markdown(results, args)
-    print(table)
-    payload = {
-        "command": command_line("step_phases.py", argv),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
-        "results": results,
-        "markdown": table,
-    }
-    write_json(args.output, payload)
+    publish("step_phases.py", argv, args.output, markdown(results, args), args.threads, results=results)
     return 0
 
 

@@ -33,6 +33,49 @@ def _load(name: str) -> ModuleType:
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_probe_warm_start_sets_each_probe_beside_lanczos_at_the_same_point(tmp_path: Path) -> None:
+    output = tmp_path / "warm.json"
+    argv = ["--size", "2k", "--optimizers", "sgd", "--steps", "12", "--probe-every", "4"]
+    argv += ["--batches", "3", "--reference-hvps", "12", "--threads", "1", "--output", str(output)]
+    assert _load("probe_warm_start").main(argv) == 0
+    payload = json.loads(output.read_text())
+    assert [(r["optimizer"], r["data"]) for r in payload["results"]] == [("sgd", "fixed"), ("sgd", "pool")]
+    for result in payload["results"]:
+        assert [p["step"] for p in result["probes"]] == [0, 4, 8]
+        assert result["warm_probes"] == 2
+        for probe in result["probes"][1:]:  # warm: one to probe_iterations products
+            assert probe["products"] in (1, 2, 3) and probe["estimate"] is not None
+        assert result["probes"][0]["products"] > 0
+    assert payload["markdown"].count("\n| SGD(momentum=0.9) |") == 2
+
+
+def test_probe_warm_start_pool_is_labelled_by_one_teacher_and_the_fixed_data_is_the_batch() -> None:
+    warm_start = _load("probe_warm_start")
+    inputs, labels = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    (fixed,) = warm_start.batches(inputs, labels, "fixed", 5, seed=0)
+    assert fixed[0] is inputs and fixed[1] is labels
+    pool = warm_start.batches(inputs, labels, "pool", 5, seed=0)
+    again = warm_start.batches(inputs, labels, "pool", 5, seed=0)
+    assert len(pool) == 5 and all(x.shape == (warm_start.BATCH, 6) for x, _ in pool)
+    assert all(
+        torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in zip(pool, again, strict=True)
+    )
+    # One linear teacher labels every batch: a least-squares linear fit of all of them
+    # recovers most labels (0.86 here), where it recovers few of random labels.
+    stacked = torch.cat([x for x, _ in pool])
+    targets = torch.cat([y for _, y in pool])
+    assert int(targets.max()) < warm_start.TEACHER_CLASSES and len(set(targets.tolist())) > 1
+
+    def linear_fit_accuracy(y: torch.Tensor) -> float:
+        one_hot = torch.nn.functional.one_hot(y, warm_start.TEACHER_CLASSES).float()
+        solution = torch.linalg.lstsq(stacked, one_hot).solution
+        return (stacked @ solution).argmax(dim=1).eq(y).float().mean().item()
+
+    shuffled = targets[torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))]
+    assert linear_fit_accuracy(targets) > 0.7 > 0.4 > linear_fit_accuracy(shuffled)
+
+
+@pytest.mark.usefixtures("one_thread")
 def test_step_phases_times_every_phase_of_the_wrapped_step_for_each_depth(tmp_path: Path) -> None:
     output = tmp_path / "phases.json"
     argv = ["--size", "2k", "--depths", "2", "6", "--calls", "3", "--repeats", "1", "--threads", "1"]

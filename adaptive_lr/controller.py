@@ -148,14 +148,8 @@ _STATE_FIELDS = frozenset(f.name for f in fields(ControllerState))
 
 def _evolve(state: ControllerState, **changes: object) -> ControllerState:
     """``dataclasses.replace`` for the state, minus its cost: replace re-runs ``__init__``
-    over every field, and the rule evolves the state several times a step."""
-    unknown = changes.keys() - _STATE_FIELDS
-    if unknown:
-        raise TypeError(f"ControllerState has no field(s) {sorted(unknown)}")
-    new = object.__new__(ControllerState)
-    new.__dict__.update(state.__dict__)
-    new.__dict__.update(changes)
-    return new
+    over every field."""
+    return _set(_working_copy(state), **changes)
 
 
 def _working_copy(state: ControllerState) -> ControllerState:

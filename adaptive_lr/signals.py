@@ -239,26 +239,22 @@ class Segment:
 
     def weigh_(self, flat: Tensor) -> Tensor:
         """Multiply each coordinate of a flat vector of this segment by its weight, in place."""
-        if self.weights is not None:
-            return flat.mul_(self.weights)
-        for a, b, weight in self.pieces:
-            if weight is not None:
-                _block(flat, a, b - a).mul_(weight)
-        return flat
+        return self.weighted(flat, out=flat)
 
     def weighted(self, flat: Tensor, out: Tensor) -> Tensor:
-        """The flat vector times the weights, written into `out` (returned); `flat` itself
-        when every weight is 1."""
+        """The flat vector times the weights, written into `out` (returned; `out` may be
+        `flat` itself); `flat` itself when every weight is 1."""
         if self.weights is not None:
             return torch.mul(flat, self.weights, out=out)
         if len(self.pieces) == 1 and self.pieces[0][2] is None:
             return flat
         for a, b, weight in self.pieces:
             part = _block(out, a, b - a)
-            if weight is None:
-                part.copy_(_block(flat, a, b - a))
-            else:
-                torch.mul(_block(flat, a, b - a), weight, out=part)
+            source = part if out is flat else _block(flat, a, b - a)
+            if weight is not None:
+                torch.mul(source, weight, out=part)
+            elif source is not part:
+                part.copy_(source)
         return out
 
 

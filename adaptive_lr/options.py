@@ -23,6 +23,10 @@ COMPONENTS = (
 """The switches of the feedback components that are on by default, each of which can be
 turned off on its own (the experimental ``anneal`` component is off by default)."""
 
+PROBE_SOLVERS = ("power", "krylov")
+"""The Hessian probe's eigenvalue solvers: ``adaptive_lr.hessian.top_eigenvalue`` and
+``adaptive_lr.hessian.krylov_top_eigenvalue``."""
+
 
 @dataclass(frozen=True)
 class ControllerOptions:
@@ -98,6 +102,19 @@ class ControllerOptions:
             most this fraction between products; a warm probe compares its first product's
             with the last probe's estimate, so where the iteration has settled a probe
             costs one product.
+        probe_solver: "power" (power iteration) or "krylov" (the top Ritz value of the
+            Krylov space of the same products; it holds up to 2 x probe_iterations + 1
+            parameter-sized vectors during a probe). On a symmetric Hessian Krylov never
+            reads lower, and where a probe spends more than one product it reads closer
+            to the top: 0.995 of it against 0.955 on the first probe of a quadratic with a
+            crowded top (tests/test_wrapper.py). On the 1M MLP of
+            benchmarks/probe_warm_start.py, at the same points of runs power iteration
+            drives, its median error against Lanczos was 18-23% against 20-27% with SGD,
+            and 10% against 62% with AdamW on minibatches, but worse where a run
+            memorizes its batch (finite-difference products are then mostly rounding).
+            On the quadratics of benchmarks/quadratic_limit.py (row
+            adaptive_sgd_full_batch_krylov) its higher readings cost one to four
+            iterations and lowered the noisy final loss 1.2-16x.
         sample_fraction: fraction of each large tensor's coordinates (one contiguous block)
             on which the secant signals are measured; 1.0 measures every coordinate.
         min_sample_size: tensors with at most this many elements are measured whole, and
@@ -171,6 +188,7 @@ class ControllerOptions:
     curvature_probe_every: int = 0
     probe_iterations: int = 3
     probe_tolerance: float = 0.01
+    probe_solver: str = "power"
     sample_fraction: float = 0.0625
     min_sample_size: int = 4096
     track_successive_cosine: bool = False
@@ -225,6 +243,8 @@ class ControllerOptions:
         _in_range("curvature_probe_every", self.curvature_probe_every, low=0)
         _in_range("probe_iterations", self.probe_iterations, low=1)
         _in_range("probe_tolerance", self.probe_tolerance, low=0.0, low_open=True)
+        if self.probe_solver not in PROBE_SOLVERS:
+            raise ValueError(f"option probe_solver must be one of {PROBE_SOLVERS}, got {self.probe_solver!r}")
         _in_range("sample_fraction", self.sample_fraction, low=0.0, high=1.0, low_open=True)
         _in_range("min_sample_size", self.min_sample_size, low=1)
         _in_range("anneal_factor", self.anneal_factor, low=0.0, high=1.0, low_open=True)
@@ -304,6 +324,7 @@ _TYPES = {
     "int": (int,),
     "float | None": (int, float, type(None)),
     "bool | None": (bool, type(None)),
+    "str": (str,),
 }
 
 

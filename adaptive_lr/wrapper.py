@@ -296,7 +296,7 @@ class AdaptiveOptimizer(Optimizer):
 
     def _probe(self, closure: Callable[[], Any], view: GradientView, usable_gradient: bool) -> float:
         """The top Hessian eigenvalue; `usable_gradient`: the gradient is finite and nonzero."""
-        from adaptive_lr.hessian import closure_hvp, top_eigenvalue
+        from adaptive_lr.hessian import closure_hvp, krylov_top_eigenvalue, top_eigenvalue
 
         params = view.params
         # Warm start from the last probe's eigenvector: sharpness drifts slowly, and the
@@ -312,7 +312,8 @@ class AdaptiveOptimizer(Optimizer):
             reference = self._controller_state.sharpness  # the last finite estimate
         else:
             initial = view.grads if usable_gradient else None
-        estimate = top_eigenvalue(
+        solver = krylov_top_eigenvalue if self.options.probe_solver == "krylov" else top_eigenvalue
+        estimate = solver(
             closure_hvp(closure, params),
             params,
             iterations=self.options.probe_iterations * (1 if warm else COLD_PROBE_FACTOR),

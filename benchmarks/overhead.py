@@ -77,6 +77,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 
 import adaptive_lr
+from adaptive_lr.options import PROBE_SOLVERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import command_line, write_json
@@ -152,13 +153,17 @@ class ClippedSteps:
 
 
 def make_optimizer(
-    model: nn.Module, optimizer: str, method: str, probe_every: int = PROBE_EVERY
+    model: nn.Module,
+    optimizer: str,
+    method: str,
+    probe_every: int = PROBE_EVERY,
+    probe_solver: str = "power",
 ) -> Optimizer | ClippedSteps:
     opt = OPTIMIZERS[optimizer](model.parameters())
     if method == "wrapped":
         return adaptive_lr.wrap(opt)
     if method == "probe":
-        return adaptive_lr.wrap(opt, curvature_probe_every=probe_every)
+        return adaptive_lr.wrap(opt, curvature_probe_every=probe_every, probe_solver=probe_solver)
     if method == CLIP:
         return ClippedSteps(opt)
     return opt
@@ -173,13 +178,14 @@ def build(
     device: torch.device,
     seed: int,
     probe_every: int = PROBE_EVERY,
+    probe_solver: str = "power",
 ):
     torch.manual_seed(seed)
     model = mlp(size, depth).to(device)
     width = model[0].in_features
     inputs = torch.randn(batch_size, width, device=device)
     labels = torch.randint(0, width, (batch_size,), device=device)
-    return model, make_optimizer(model, optimizer, method, probe_every), inputs, labels
+    return model, make_optimizer(model, optimizer, method, probe_every, probe_solver), inputs, labels
 
 
 def batch_size_for(size: int, args: argparse.Namespace) -> int:
@@ -288,7 +294,10 @@ def measure_config(
     batch_size, steps = batch_size_for(size, args), steps_for(size, args)
     methods = METHODS + ((CONTROL,) if args.control else ()) + ((CLIP,) if args.clip else ())
     setups = {
-        m: build(size, depth, optimizer, m, batch_size, device, args.seed, args.probe_every) for m in methods
+        m: build(
+            size, depth, optimizer, m, batch_size, device, args.seed, args.probe_every, args.probe_solver
+        )
+        for m in methods
     }
     for method in methods:
         run_steps(*setups[method], args.warmup, device)
@@ -387,7 +396,7 @@ def rss_probe(size: int, depth: int, optimizer: str, method: str, args: dict) ->
     except OSError:
         return None
     # The probe's memory does not depend on its cadence: the first step probes (a cold start).
-    opt = make_optimizer(model, optimizer, method)
+    opt = make_optimizer(model, optimizer, method, probe_solver=args["probe_solver"])
     run_steps(model, opt, inputs, labels, args["warmup"], device)
     return _proc_status_bytes("VmHWM") - before
 
@@ -442,7 +451,8 @@ def format_tables(results: list[dict], args: argparse.Namespace) -> str:
         f"Time per step, ms: median [min, max] over {args.repeats} repeats ({args.large_repeats} above "
         f"1M parameters; steps per repeat in the table; {args.threads} thread(s)); "
         "ratio = method / bare per repeat. wrapped: "
-        f"default options; probe mode: curvature_probe_every={args.probe_every}, timed over "
+        f"default options; probe mode: curvature_probe_every={args.probe_every}, "
+        f"probe_solver={args.probe_solver!r}, timed over "
         f"windows of {args.probe_every} steps (one probe each), so its time per step is amortised; "
         "probing step: the step of each window that runs the probe, and the Hessian-vector "
         "products that probe spent (two forward/backward passes each).",
@@ -557,6 +567,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--probe-every", type=int, default=100, help="curvature_probe_every of the probe mode"
     )
+    parser.add_argument(
+        "--probe-solver", choices=PROBE_SOLVERS, default="power", help="probe_solver of the probe mode"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--large-repeats", type=int, default=5, help="repeats above 1M parameters")
@@ -636,6 +649,7 @@ def run(args: argparse.Namespace, device: torch.device, flushed: bool, argv: Seq
                     "seed": args.seed,
                     "warmup": args.warmup,
                     "batch_size": r["batch_size"],
+                    "probe_solver": args.probe_solver,
                 }
                 print(f"peak RSS {format_size(r['size'])} {r['optimizer']} ...", file=sys.stderr, flush=True)
                 r["peak_rss_delta_bytes"] = {

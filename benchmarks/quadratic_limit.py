@@ -24,6 +24,8 @@ probe rows also spend two per Hessian-vector product). Rows:
   probe's top eigenvalue bounds the curvature range from above);
 - adaptive_sgd_full_batch: ControllerOptions.full_batch(), those two with a stability
   margin of 0.9, cap_approach 0.5, no cosine average (each step's cosine) and no update guard;
+- adaptive_sgd_full_batch_krylov: the same with probe_solver="krylov" (the probe's top Ritz
+  value over the same products instead of power iteration's quotient);
 - adaptive_adam: adaptive_lr.wrap(Adam(lr=1e-3)), default options.
 The rates printed next to gd_optimal and heavy_ball_optimal are the theoretical
 (kappa - 1)/(kappa + 1) and (sqrt(kappa) - 1)/(sqrt(kappa) + 1) with the iteration counts
@@ -141,6 +143,12 @@ def method_factories(adam_lr: float) -> dict[str, Callable[[Quadratic], Optimize
             lambda params: adaptive_lr.wrap(
                 torch.optim.SGD(params, lr=UNTUNED_LR, momentum=0.9),
                 adaptive_lr.ControllerOptions.full_batch(),
+            )
+        ),
+        "adaptive_sgd_full_batch_krylov": lambda _: (
+            lambda params: adaptive_lr.wrap(
+                torch.optim.SGD(params, lr=UNTUNED_LR, momentum=0.9),
+                adaptive_lr.ControllerOptions.full_batch(probe_solver="krylov"),
             )
         ),
         "adaptive_adam": lambda _: lambda params: adaptive_lr.wrap(torch.optim.Adam(params, lr=UNTUNED_LR)),

@@ -39,14 +39,45 @@ def test_probe_warm_start_sets_each_probe_beside_lanczos_at_the_same_point(tmp_p
     argv += ["--batches", "3", "--reference-hvps", "12", "--threads", "1", "--output", str(output)]
     assert _load("probe_warm_start").main(argv) == 0
     payload = json.loads(output.read_text())
-    assert [(r["optimizer"], r["data"]) for r in payload["results"]] == [("sgd", "fixed"), ("sgd", "pool")]
+    assert [(r["optimizer"], r["data"], r["driver"]) for r in payload["results"]] == [
+        ("sgd", data, driver) for data in ("fixed", "pool") for driver in ("power", "krylov")
+    ]
     for result in payload["results"]:
         assert [p["step"] for p in result["probes"]] == [0, 4, 8]
         assert result["warm_probes"] == 2
+        for probe in result["probes"]:
+            assert set(probe["readings"]) == {"power", "krylov"}  # both read at the same point
         for probe in result["probes"][1:]:  # warm: one to probe_iterations products
-            assert probe["products"] in (1, 2, 3) and probe["estimate"] is not None
-        assert result["probes"][0]["products"] > 0
-    assert payload["markdown"].count("\n| SGD(momentum=0.9) |") == 2
+            for reading in probe["readings"].values():
+                assert reading["products"] in (1, 2, 3) and reading["estimate"] is not None
+        assert result["probes"][0]["readings"][result["driver"]]["products"] > 0
+        assert set(result["solvers"]) == {"power", "krylov"}
+    assert payload["markdown"].count("\n| SGD(momentum=0.9) |") == 8
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("solver", ["power", "krylov"])
+def test_a_shadow_probe_reads_what_the_wrapper_probe_of_that_solver_reads(solver: str) -> None:
+    """The side probe mirrors the wrapper's: cold from the gradient with twice the
+    products, then carried on from its own vector and its last finite estimate."""
+    warm_start = _load("probe_warm_start")
+    model, opt, inputs, labels = _load("overhead").build(
+        2000, 2, "sgd", "probe", 8, torch.device("cpu"), seed=0, probe_every=1, probe_solver=solver
+    )
+    params = list(model.parameters())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    carried: dict = {}
+    for _ in range(3):
+        closure()
+        shadow = warm_start.shadow_probe(solver, closure, params, opt.options, carried)
+        opt.step(closure)
+        assert shadow.eigenvalue == opt.history[-1].sharpness
 
 
 def test_probe_warm_start_pool_is_labelled_by_one_teacher_and_the_fixed_data_is_the_batch() -> None:
@@ -232,6 +263,21 @@ def test_a_window_of_k_steps_of_the_probe_mode_holds_exactly_one_probing_step() 
         training, optimizer_only = window.means()
         assert 0 < optimizer_only < training
         assert all(f < t for f, t in zip(window.first_call, window.training, strict=True))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_probe_mode_runs_the_probe_solver_it_is_given() -> None:
+    overhead = _load("overhead")
+    cpu = torch.device("cpu")
+    for solver in ("power", "krylov"):
+        model, opt, inputs, labels = overhead.build(
+            2000, 2, "sgd", "probe", 8, cpu, seed=0, probe_every=4, probe_solver=solver
+        )
+        assert opt.options.probe_solver == solver and opt.options.curvature_probe_every == 4
+        steps = overhead.run_steps(model, opt, inputs, labels, 1, cpu)
+        assert steps.closure_calls[0] > 1 and opt.history[-1].sharpness is not None
+    with pytest.raises(SystemExit):
+        overhead.parse_args(["--probe-solver", "lanczos"])
 
 
 @pytest.mark.usefixtures("one_thread", "kept_affinity")

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 import pickle
+from typing import Any
 
 import pytest
 import torch
@@ -649,14 +650,16 @@ class CountedQuadratic:
     """``f(x) = scale / 2 x'Ax`` with the given spectrum, wrapped SGD probing every
     ``probe_every`` steps; ``step()`` steps once and returns the closure calls it made."""
 
-    def __init__(self, eigenvalues: Tensor, probe_every: int) -> None:
+    def __init__(self, eigenvalues: Tensor, probe_every: int, **options: Any) -> None:
         torch.manual_seed(0)
         n = len(eigenvalues)
         q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
         self.a = q @ torch.diag(eigenvalues) @ q.T
         self.scale = 1.0
         self.x = nn.Parameter(torch.randn(n, dtype=torch.float64))
-        self.opt = adaptive_lr.wrap(torch.optim.SGD([self.x], lr=1e-3), curvature_probe_every=probe_every)
+        self.opt = adaptive_lr.wrap(
+            torch.optim.SGD([self.x], lr=1e-3), curvature_probe_every=probe_every, **options
+        )
         self.calls = 0
 
     def closure(self) -> Tensor:
@@ -712,6 +715,25 @@ def test_a_warm_probe_spends_one_product_while_its_estimate_holds_and_more_when_
     calls_now, estimate = probe()
     assert calls_now > 3  # the first quotient no longer matches the last estimate
     assert estimate == pytest.approx(3.0, rel=0.02)
+
+
+def test_the_krylov_probe_reads_closer_to_the_top_than_the_power_probe_on_the_same_products():
+    eigenvalues = torch.logspace(-2, 0, 200, dtype=torch.float64)  # top 1, next 0.977
+    readings = {}
+    for solver in ("power", "krylov"):
+        problem = CountedQuadratic(eigenvalues, probe_every=100, probe_solver=solver)
+        calls = [problem.step() for _ in range(201)]  # probes at steps 0, 100 and 200
+        probes = [record.sharpness for record in problem.opt.history if record.sharpness is not None]
+        assert len(probes) == 3
+        readings[solver] = (probes, calls)
+    (power, power_calls), (krylov, krylov_calls) = readings["power"], readings["krylov"]
+    # The same closure calls: the cold probe's six products (13 calls with the step's),
+    # then one product per warm probe, each within probe_tolerance of the last estimate.
+    assert krylov_calls == power_calls
+    assert krylov_calls[0] == 13 and krylov_calls[100] == krylov_calls[200] == 3
+    assert all(k > p for k, p in zip(krylov, power, strict=True))
+    assert all(k <= 1.0 + 1e-9 for k in krylov)  # Ritz values of a PSD matrix
+    assert krylov[0] > 0.99 > power[-1]  # measured 0.995 cold; power iteration 0.955, 0.972 last
 
 
 def test_a_cold_probe_at_a_zero_gradient_starts_at_random_instead():

@@ -38,7 +38,7 @@ paper: $(VENV)/.installed
 	$(PY) -m experiments paper --results results/quick --preset quick
 
 # Everything in papers/paper.md: the quick preset, the targets grid on every task (about an
-# hour on 2 cores) and both benchmarks (about half an hour); each step resumes or reruns.
+# hour on 2 cores) and the benchmarks (about 45 minutes); each step resumes or reruns.
 paper-full: $(VENV)/.installed
 	$(PY) -m experiments run --preset quick --results results/quick --workers 2
 	$(PY) -m experiments run --config experiments/configs/targets_all.toml --results results/targets_all --workers 2
@@ -48,6 +48,9 @@ paper-full: $(VENV)/.installed
 		--no-rss --output results/overhead_large.json
 	$(PY) benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss --repeats 9 \
 		--output results/overhead_tensors.json
+	$(PY) benchmarks/overhead.py --sizes 1M 10M --optimizers sgd adamw --threads 2 --probe-solver krylov \
+		--output results/overhead_krylov.json
+	$(PY) benchmarks/probe_warm_start.py --output results/probe_warm_start.json
 	$(PY) -m experiments paper --results results/quick --preset quick \
 		--targets-results results/targets_all --benchmarks results
 

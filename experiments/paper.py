@@ -13,8 +13,9 @@ number comes from a placeholder filled from code or records, never typed by hand
 - optional sections, each from its own results (a note saying how to produce it when
   absent): ``{{targets_full}}``, the targets and widths of a second grid (the
   ``targets_all`` config over every task, 11 lrs x 3 seeds); ``{{quadratic_limit}}``,
-  ``{{overhead}}``, ``{{overhead_large}}`` and ``{{overhead_tensors}}``, the tables the
-  benchmarks wrote into their JSON files.
+  ``{{overhead}}``, ``{{overhead_large}}``, ``{{overhead_tensors}}``,
+  ``{{overhead_krylov}}`` and ``{{probe_warm_start}}``, the tables the benchmarks wrote
+  into their JSON files.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ BENCHMARK_COMMANDS = {
         "python benchmarks/overhead.py --sizes 1M --depths 4 64 --optimizers sgd adamw --threads 2 --no-rss "
         "--repeats 9 --output results/overhead_tensors.json"
     ),
+    "overhead_krylov": (
+        "python benchmarks/overhead.py --sizes 1M 10M --optimizers sgd adamw --threads 2 "
+        "--probe-solver krylov --output results/overhead_krylov.json"
+    ),
+    "probe_warm_start": "python benchmarks/probe_warm_start.py",
 }
 PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+(?::[a-z0-9_]+)?)\s*\}\}")
 

@@ -64,7 +64,14 @@ def test_optional_sections_are_filled_from_their_results(tmp_path: Path) -> None
     shutil.copy(FIXTURE, results / RUNS_FILE)
     benchmarks = tmp_path / "bench"
     benchmarks.mkdir()
-    for name in ("quadratic_limit", "overhead", "overhead_large", "overhead_tensors"):
+    for name in (
+        "quadratic_limit",
+        "overhead",
+        "overhead_large",
+        "overhead_tensors",
+        "overhead_krylov",
+        "probe_warm_start",
+    ):
         payload = {
             "command": f"python benchmarks/{name}.py --x",
             "machine": {"torch": "t"},

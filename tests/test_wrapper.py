@@ -831,6 +831,51 @@ def test_resume_with_the_successive_cosine_tracked_continues_bit_for_bit(tmp_pat
     ]
 
 
+@pytest.mark.parametrize("solver", ["power", "krylov"])
+def test_resume_with_the_probe_carries_its_vector_and_settings_and_continues_bit_for_bit(solver, tmp_path):
+    from adaptive_lr.wrapper import PROBE_KEY
+
+    data = list(batches(14))
+
+    def steps(model, opt, chunk):
+        calls = []
+        for x, y in chunk:
+            count = 0
+
+            def closure(x=x, y=y):
+                nonlocal count
+                count += 1
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            calls.append(count)
+        return calls
+
+    def fresh(seed=0, **options):
+        model = make_model(seed)
+        return model, adaptive_lr.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), **options)
+
+    straight, opt_a = fresh(curvature_probe_every=3, probe_solver=solver)
+    calls_a = steps(straight, opt_a, data)
+    resumed, opt_b = fresh(curvature_probe_every=3, probe_solver=solver)
+    steps(resumed, opt_b, data[:5])  # probes at steps 0 and 3
+    torch.save({"model": resumed.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
+    resumed, opt_b = fresh(seed=9)  # a fresh process, built with the default options
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(PROBE_KEY in state for state in ckpt["opt"]["state"].values())
+    resumed.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    assert opt_b.options.probe_solver == solver and opt_b.options.curvature_probe_every == 3
+    calls_b = steps(resumed, opt_b, data[5:])
+    assert params_equal(straight, resumed)
+    assert calls_b == calls_a[5:]  # warm probes from the saved vector, not a cold start
+    assert [r.sharpness for r in list(opt_a.history)[5:]] == [r.sharpness for r in opt_b.history]
+    assert sum(r.sharpness is not None for r in opt_b.history) == 3  # steps 6, 9 and 12
+
+
 def test_signals_follow_a_parameter_whose_storage_is_replaced_between_steps():
     """The sampled views of x are cached; `p.data = ...` must not leave them reading stale storage."""
     data = list(batches(8))

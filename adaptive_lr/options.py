@@ -103,17 +103,18 @@ class ControllerOptions:
             with the last probe's estimate, so where the iteration has settled a probe
             costs one product.
         probe_solver: "power" (power iteration) or "krylov" (the top Ritz value of the
-            Krylov space of the same products; it holds up to 2 x probe_iterations + 1
-            parameter-sized vectors during a probe). On a symmetric Hessian Krylov never
-            reads lower, and where a probe spends more than one product it reads closer
-            to the top: 0.995 of it against 0.955 on the first probe of a quadratic with a
-            crowded top (tests/test_wrapper.py). On the 1M MLP of
-            benchmarks/probe_warm_start.py, at the same points of runs power iteration
-            drives, its median error against Lanczos was 18-23% against 20-27% with SGD,
-            and 10% against 62% with AdamW on minibatches, but worse where a run
-            memorizes its batch (finite-difference products are then mostly rounding).
-            On the quadratics of benchmarks/quadratic_limit.py (row
-            adaptive_sgd_full_batch_krylov) its higher readings cost one to four
+            Krylov space of the same products, its warm probes started from the last
+            vector and the current gradient's direction in equal parts; it holds up to
+            2 x probe_iterations + 1 parameter-sized vectors during a probe, and its warm
+            probes seldom stop before probe_iterations products, where settled power
+            probes stop at one). On the 1M MLP of benchmarks/probe_warm_start.py its
+            median error against Lanczos was 8-13% with SGD where power iteration's was
+            20-28%, and 11% against 62% with AdamW on minibatches; where a run memorizes
+            its fixed batch both read far off (finite-difference products are then mostly
+            rounding). A sharper direction that appears between probes it finds at once,
+            where a settled power probe keeps the old top (tests/test_wrapper.py). On the
+            quadratics of benchmarks/quadratic_limit.py (row
+            adaptive_sgd_full_batch_krylov) its readings, closer to L, cost one to five
             iterations and lowered the noisy final loss 1.2-16x.
         sample_fraction: fraction of each large tensor's coordinates (one contiguous block)
             on which the secant signals are measured; 1.0 measures every coordinate.

@@ -44,15 +44,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from adaptive_lr import ControllerOptions
-from adaptive_lr.hessian import (
-    SharpnessEstimate,
-    closure_hvp,
-    krylov_top_eigenvalue,
-    lanczos_top_eigenvalue,
-    top_eigenvalue,
-)
+from adaptive_lr.hessian import SharpnessEstimate, closure_hvp, lanczos_top_eigenvalue
 from adaptive_lr.options import PROBE_SOLVERS
-from adaptive_lr.wrapper import COLD_PROBE_FACTOR
+from adaptive_lr.wrapper import probe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import publish
@@ -75,9 +69,6 @@ def batches(inputs: Tensor, labels: Tensor, data: str, count: int, seed: int) ->
     return [(x, (x @ teacher).argmax(dim=1)) for x in pool]
 
 
-SOLVERS = {"power": top_eigenvalue, "krylov": krylov_top_eigenvalue}
-
-
 def shadow_probe(
     solver: str,
     closure: Callable[[], Tensor],
@@ -85,21 +76,16 @@ def shadow_probe(
     options: ControllerOptions,
     carried: dict[str, tuple[list[Tensor], float | None]],
 ) -> SharpnessEstimate:
-    """What a probe with ``solver`` reads at this point, carried on from its own last
-    probe as the wrapper carries its own: a cold first probe from the gradient with
-    COLD_PROBE_FACTOR times the products, then warm probes from the last vector, tested
-    against the last finite estimate."""
-    if solver in carried:
-        (initial, reference), products = carried[solver], options.probe_iterations
-    else:
-        initial, reference = [p.grad for p in params], None
-        products = options.probe_iterations * COLD_PROBE_FACTOR
-    estimate = SOLVERS[solver](
-        closure_hvp(closure, params),
+    """What the wrapper's probe with ``solver`` reads at this point (``wrapper.probe``),
+    carried on from that solver's own last probe: its vector and last finite estimate."""
+    vector, reference = carried.get(solver, (None, None))
+    gradient = [p.grad for p in params]  # the closure has just run: finite and nonzero here
+    estimate = probe(
+        closure,
         params,
-        iterations=products,
-        tolerance=options.probe_tolerance,
-        initial=initial,
+        options.replace(probe_solver=solver),
+        gradient=gradient,
+        vector=vector,
         reference=reference,
     )
     finite = math.isfinite(estimate.eigenvalue)

@@ -717,7 +717,7 @@ def test_a_warm_probe_spends_one_product_while_its_estimate_holds_and_more_when_
     assert estimate == pytest.approx(3.0, rel=0.02)
 
 
-def test_the_krylov_probe_reads_closer_to_the_top_than_the_power_probe_on_the_same_products():
+def test_the_krylov_probe_reads_closer_to_the_top_than_the_power_probe_on_a_crowded_spectrum():
     eigenvalues = torch.logspace(-2, 0, 200, dtype=torch.float64)  # top 1, next 0.977
     readings = {}
     for solver in ("power", "krylov"):
@@ -727,13 +727,35 @@ def test_the_krylov_probe_reads_closer_to_the_top_than_the_power_probe_on_the_sa
         assert len(probes) == 3
         readings[solver] = (probes, calls)
     (power, power_calls), (krylov, krylov_calls) = readings["power"], readings["krylov"]
-    # The same closure calls: the cold probe's six products (13 calls with the step's),
-    # then one product per warm probe, each within probe_tolerance of the last estimate.
-    assert krylov_calls == power_calls
-    assert krylov_calls[0] == 13 and krylov_calls[100] == krylov_calls[200] == 3
+    # The same cold probe, six products (13 calls with the step's); then power iteration
+    # settles on one product per warm probe while Krylov, started from the last vector
+    # and the gradient, spends its three.
+    assert power_calls[0] == krylov_calls[0] == 13
+    assert power_calls[100] == power_calls[200] == 3 and krylov_calls[100] == krylov_calls[200] == 7
     assert all(k > p for k, p in zip(krylov, power, strict=True))
     assert all(k <= 1.0 + 1e-9 for k in krylov)  # Ritz values of a PSD matrix
-    assert krylov[0] > 0.99 > power[-1]  # measured 0.995 cold; power iteration 0.955, 0.972 last
+    assert krylov[0] > 0.99 > power[-1]  # measured 0.995 cold, 0.999 last; power 0.955, 0.972
+
+
+@pytest.mark.parametrize("solver", ["power", "krylov"])
+def test_a_sharper_direction_appearing_between_probes_is_found_by_the_krylov_probe_alone(solver):
+    """A warm probe whose first quotient matches the last estimate stops there: power
+    iteration keeps reading the old top. Krylov starts from the last vector and the
+    gradient, which the new direction's curvature weights, and finds it at once."""
+    eigenvalues = torch.logspace(-2, 0, 30, dtype=torch.float64)
+    problem = CountedQuadratic(eigenvalues, probe_every=2, probe_solver=solver)
+    for _ in range(40):
+        problem.step()
+    assert problem.opt.history[-2].sharpness == pytest.approx(1.0, rel=1e-3)  # settled on the top
+    values, vectors = torch.linalg.eigh(problem.a)
+    flattest = vectors[:, 0]  # orthogonal to the old top eigenvector
+    problem.a = problem.a + (3.0 - values[0]) * torch.outer(flattest, flattest)  # now the top: 3
+    calls = problem.step()
+    estimate = problem.opt.history[-1].sharpness
+    if solver == "power":
+        assert calls == 3 and estimate == pytest.approx(1.0, rel=1e-3)  # measured 0.99983
+    else:
+        assert calls == 7 and estimate == pytest.approx(3.0, rel=1e-3)  # measured 2.999998
 
 
 def test_a_cold_probe_at_a_zero_gradient_starts_at_random_instead():

@@ -106,12 +106,14 @@ def _counting_all_reduce() -> list[int]:
 # --- DDP ------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, out: str) -> None:
+def _ddp_worker(rank: int, out: str, probe_solver: str = "power") -> None:
     calls = _counting_all_reduce()
     model = nn.parallel.DistributedDataParallel(_model())
     # The probe runs the closure, whose backward goes through DDP: its products are global.
     opt = adaptive_lr.wrap(
-        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), curvature_probe_every=PROBE_EVERY
+        torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
+        curvature_probe_every=PROBE_EVERY,
+        probe_solver=probe_solver,
     )
     half = BATCH // WORLD
     records, local_losses, calls_per_step = [], [], []
@@ -193,6 +195,21 @@ def test_ddp_probe_on_local_batches_measures_the_same_sharpness_on_every_rank(
     probed = [step for step, record in enumerate(ddp[0]["records"]) if record[8] is not None]
     assert probed == list(range(0, STEPS, PROBE_EVERY))
     assert [record[8] for record in ddp[1]["records"]] == [record[8] for record in ddp[0]["records"]]
+
+
+def test_ddp_krylov_probe_mixing_in_the_gradient_stays_identical_on_every_rank(
+    tmp_path_factory: pytest.TempPathFactory, ddp: list[dict[str, Any]]
+) -> None:
+    """The Krylov probe's warm start takes in the step's gradient, which DDP has made the
+    same on every rank: the ranks read the same sharpness and keep identical parameters."""
+    first, second = _spawn(tmp_path_factory.mktemp("ddp_krylov"), _ddp_worker, "krylov")
+    probed = [record[8] for record in first["records"] if record[8] is not None]
+    assert len(probed) == len(range(0, STEPS, PROBE_EVERY)) and all(math.isfinite(v) for v in probed)
+    power = [record[8] for record in ddp[0]["records"] if record[8] is not None]
+    assert probed != power  # the solver took effect
+    assert first["records"] == second["records"]
+    for a, b in zip(first["params"], second["params"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_ddp_costs_one_all_reduce_per_step_and_one_more_on_the_first(ddp: list[dict[str, Any]]) -> None:

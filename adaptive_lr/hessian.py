@@ -331,16 +331,13 @@ def top_eigenvalue(
             rule. Ignored without ``initial``.
     """
     params = _validated_params(params)
-    _check_solver_arguments(iterations, tolerance, reference)
-    vector = _start_vector(params, generator, initial)
+    vector, previous = _solver_start(params, iterations, tolerance, generator, initial, reference)
 
     # Checked before any product is spent. The start vector is not normalised (that
     # would cost a pass over it), hence the / v'v below; later vectors have unit norm.
     squared_norm = _global_dot(vector, vector).item()
     if squared_norm == 0:
         raise ValueError("initial must be a nonzero vector")
-    # lambda_0: the iterate before the start vector, where a call carries an iteration on.
-    previous = float(reference) if reference is not None and initial is not None else math.nan
     eigenvalue = math.nan
     converged = False
     advanced = False  # whether `vector` is a normalised product (else the start vector)
@@ -411,8 +408,7 @@ def krylov_top_eigenvalue(
     estimate is then an exact eigenvalue of the symmetrised projection).
     """
     params = _validated_params(params)
-    _check_solver_arguments(iterations, tolerance, reference)
-    start = _start_vector(params, generator, initial)
+    start, previous = _solver_start(params, iterations, tolerance, generator, initial, reference)
     start_norm = _global_norm(start).item()  # checked before any product is spent
     if start_norm == 0:
         raise ValueError("initial must be a nonzero vector")
@@ -421,7 +417,6 @@ def krylov_top_eigenvalue(
     # H Q_k = Q_{k+1} hessenberg[:k+1, :k]: column j holds the (j+1)-th product's
     # coefficients on the basis, and below them the norm of what is left.
     hessenberg = np.zeros((iterations + 1, iterations))
-    previous = float(reference) if reference is not None and initial is not None else math.nan
     eigenvalue = math.nan
     ritz = np.ones(1)
     converged = False
@@ -586,6 +581,22 @@ def _validated_params(params: Sequence[Tensor]) -> list[Tensor]:
 def _check_like_params(vector: Sequence[Tensor], params: list[Tensor], name: str) -> None:
     if len(vector) != len(params) or any(v.shape != p.shape for v, p in zip(vector, params, strict=True)):
         raise ValueError(f"{name} must be a list of tensors shaped like params")
+
+
+def _solver_start(
+    params: list[Tensor],
+    iterations: int,
+    tolerance: float,
+    generator: torch.Generator | None,
+    initial: Sequence[Tensor] | None,
+    reference: float | None,
+) -> tuple[list[Tensor], float]:
+    """Both solvers' arguments checked; their start vector (not normalised) and lambda_0,
+    the estimate before it (``reference`` where a call carries an iteration on from
+    ``initial``, else NaN, which no first product matches)."""
+    _check_solver_arguments(iterations, tolerance, reference)
+    previous = float(reference) if reference is not None and initial is not None else math.nan
+    return _start_vector(params, generator, initial), previous
 
 
 def _check_solver_arguments(iterations: int, tolerance: float, reference: float | None) -> None:

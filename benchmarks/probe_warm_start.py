@@ -160,8 +160,10 @@ def summary(warm: list[dict[str, Any]], solver: str) -> dict[str, float | None]:
     errors = [
         abs(r["estimate"] - p["reference"]) / abs(p["reference"])
         for r, p in readings
-        if r["estimate"] is not None and math.isfinite(r["estimate"]) and p["reference_converged"]
-        if p["reference"] != 0
+        if r["estimate"] is not None
+        and math.isfinite(r["estimate"])
+        and p["reference_converged"]
+        and p["reference"] != 0
     ]
     return {
         "warm_products_median": statistics.median(r["products"] for r, _ in readings) if readings else None,
